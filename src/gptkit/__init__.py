@@ -1,0 +1,22 @@
+"""gptkit: build, train, fine-tune, evaluate and serve GPT-family models."""
+
+from pathlib import Path
+
+from . import checkpoint
+from .checkpoint import CheckpointError, load_model, load_tokenizer
+from .config import PRESETS, ConfigError, GPTConfig, preset
+from .generate import LM, GenerationError, SamplingParams
+from .model import GPT
+from .tokenizer import Tokenizer, TokenizerError
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "SamplingParams", "load",
+           "CheckpointError", "ConfigError", "GenerationError", "TokenizerError"]
+
+
+def load(path: str | Path, device: str = "cpu") -> LM:
+    """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`."""
+    tokenizer = load_tokenizer(path) if Path(path).is_dir() else None
+    model = load_model(path, device)
+    if tokenizer is None:
+        raise CheckpointError(f"{path} has no tokenizer file, so it cannot turn text into tokens")
+    return LM(model, tokenizer)

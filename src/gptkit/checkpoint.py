@@ -1,0 +1,129 @@
+"""Checkpoint directories: config.json + model.safetensors + tokenizer file(s), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, GPTConfig
+from .model import GPT
+from .tokenizer import Tokenizer, TokenizerError
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+Writer = Callable[[Path], None]  # writes one file's full contents to the path it is given
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, corrupt, or does not match its config."""
+
+
+def write_atomically(directory: Path, files: dict[str, Writer]) -> None:
+    """Write every file to a temporary name, fsync, then rename them into place.
+
+    If anything fails while writing (a full disk, a kill), the previous files are untouched and the
+    temporaries are removed; the renames at the end take microseconds.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    temps: dict[str, Path] = {}
+    try:
+        for name, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            temps[name] = Path(tmp)
+            write(temps[name])
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, directory / name)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def text_writer(text: str) -> Writer:
+    return lambda path: path.write_text(text, encoding="utf-8")
+
+
+def model_files(model: GPT, tokenizer: Tokenizer | None = None) -> dict[str, Writer]:
+    """The writers for a model's (and its tokenizer's) files in a checkpoint directory."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    files = {
+        WEIGHTS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+        CONFIG_FILE: text_writer(json.dumps(model.config.to_dict(), indent=2) + "\n"),
+    }
+    if tokenizer is not None:
+        name, text = tokenizer.to_json()
+        files[name] = text_writer(text)
+    return files
+
+
+def save(directory: Path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict[str, Writer] | None = None):
+    write_atomically(directory, {**model_files(model, tokenizer), **(extra or {})})
+
+
+def load_config(directory: Path) -> GPTConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    if not (directory / CONFIG_FILE).exists():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a gptkit checkpoint")
+    try:
+        return GPTConfig.load(directory / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
+    directory = Path(directory)
+    config = load_config(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.exists():
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    check_state(model, state, path)
+    model.load_state_dict(state, assign=True)
+    if config.pos == "rope":  # buffers are not saved: rebuild them on the real device
+        from .model import rope_tables
+        model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(config))
+    return model.eval()
+
+
+def check_state(model: GPT, state: dict[str, torch.Tensor], source: object) -> None:
+    """One-line error naming the first mismatches between a state dict and the model's parameters."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    problems += [f"{k} has shape {got[k]}, config expects {expected[k]}"
+                 for k in expected if k in got and got[k] != expected[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source} does not match its config: {'; '.join(problems[:3])}{more}")
+
+
+def load_tokenizer(directory: Path) -> Tokenizer | None:
+    try:
+        return Tokenizer.load(directory)
+    except TokenizerError as e:
+        if str(e).startswith("no tokenizer"):
+            return None
+        raise CheckpointError(str(e)) from None

@@ -1,0 +1,126 @@
+"""The `gptkit` command: one subcommand per stage, thin over the modules."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import load_config, load_tokenizer
+    from .config import PRESETS, preset
+    from .model import GPT
+
+    path = Path(args.target)
+    if args.target in PRESETS:
+        config, tokenizer = preset(args.target), None
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"{args.target} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        config, tokenizer = load_config(path), load_tokenizer(path)
+    import torch
+
+    with torch.device("meta"):  # count without allocating
+        model = GPT(config)
+    for key, value in config.to_dict().items():
+        print(f"{key:>16}: {value}")
+    n = model.num_params()
+    print(f"{'parameters':>16}: {n:,} ({n / 1e6:.1f}M; {model.num_params(embeddings=False):,} without embeddings)")
+    print(f"{'train FLOPs/tok':>16}: {model.flops_per_token():,}")
+    if tokenizer is not None:
+        print(f"{'tokenizer':>16}: {tokenizer.describe()}")
+
+
+def _sampling(args):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=tuple(args.stop), seed=args.seed, num_beams=args.num_beams)
+
+
+def cmd_generate(args) -> None:
+    import gptkit
+
+    params = _sampling(args)  # validate settings before loading a large model
+    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm.model.pack_for_cpu_inference()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    for i in range(args.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        sys.stdout.write(prompt)
+        for pieces in lm.stream_batch([prompt], params):
+            sys.stdout.write(pieces[0])
+            sys.stdout.flush()
+        params = params.__class__(**{**params.__dict__, "seed": None if params.seed is None else params.seed + 1})
+    print()
+
+
+def cmd_convert(args) -> None:
+    from . import hf
+
+    if args.from_hf:
+        if not args.out:
+            raise ValueError("--from-hf needs --out DIR")
+        out = hf.convert_from_hf(args.from_hf, Path(args.out))
+    elif args.source and args.to_hf:
+        out = hf.convert_to_hf(Path(args.source), Path(args.to_hf))
+    else:
+        raise ValueError("use `gptkit convert --from-hf SRC --out DIR` or `gptkit convert DIR --to-hf OUT`")
+    print(f"wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
+    s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="sample text from a checkpoint, streaming to the terminal")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", help="prompt text (default: read standard input)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("convert", help="convert to and from Hugging Face transformers checkpoints")
+    s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")
+    s.add_argument("--from-hf", metavar="SRC", help="transformers checkpoint directory or hub name")
+    s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf)")
+    s.add_argument("--to-hf", metavar="OUT", help="output transformers directory")
+    s.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # our errors subclass ValueError; files raise OSError
+        if os.environ.get("GPTKIT_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"gptkit: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

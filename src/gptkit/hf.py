@@ -1,0 +1,209 @@
+"""Conversion to and from Hugging Face transformers checkpoints (GPT-1, GPT-2, Llama).
+
+`transformers` is imported lazily here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import ConfigError, GPTConfig
+from .model import GPT
+from .tokenizer import EOT, Tokenizer
+
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+class ConversionError(ValueError):
+    """A transformers checkpoint that gptkit cannot represent, or a gptkit model transformers cannot."""
+
+
+def _require(ok: bool, msg: str):
+    if not ok:
+        raise ConversionError(msg)
+
+
+def _hf_config_to_ours(c) -> GPTConfig:
+    t = c.model_type
+    if t in ("gpt2", "openai-gpt"):
+        act = c.activation_function if t == "gpt2" else c.afn
+        acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+        _require(act in acts, f"activation {act!r} is not supported")
+        if t == "gpt2":
+            _require(not c.scale_attn_by_inverse_layer_idx and not c.reorder_and_upcast_attn and c.scale_attn_weights,
+                     "GPT-2 attention scaling variants are not supported")
+        return GPTConfig(vocab_size=c.vocab_size, context=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
+                         n_embd=c.n_embd, mlp_hidden=getattr(c, "n_inner", None), norm_eps=c.layer_norm_epsilon,
+                         prenorm=t == "gpt2", activation=acts[act], tie_embeddings=c.tie_word_embeddings)
+    rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
+    _require(rope.get("rope_type", "default") == "default", f"RoPE scaling {rope.get('rope_type')!r} is not supported")
+    _require(c.hidden_act == "silu", f"Llama activation {c.hidden_act!r} is not supported")
+    _require(getattr(c, "attention_bias", False) == getattr(c, "mlp_bias", False),
+             "Llama with bias in attention but not in the MLP (or the reverse) is not supported")
+    _require(c.head_dim == c.hidden_size // c.num_attention_heads, "Llama head_dim other than hidden/heads is not supported")
+    return GPTConfig(vocab_size=c.vocab_size, context=c.max_position_embeddings, n_layer=c.num_hidden_layers,
+                     n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size,
+                     mlp_hidden=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, pos="rope",
+                     rope_theta=float(rope["rope_theta"]), activation="swiglu", bias=bool(c.attention_bias),
+                     tie_embeddings=c.tie_word_embeddings)
+
+
+def _key_map(model_type: str, config: GPTConfig) -> dict[str, str]:
+    """Our parameter name -> theirs, for everything that maps one to one."""
+    if model_type == "llama":
+        m = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+        for i in range(config.n_layer):
+            a, b = f"blocks.{i}.", f"model.layers.{i}."
+            m |= {a + "norm1.weight": b + "input_layernorm.weight", a + "norm2.weight": b + "post_attention_layernorm.weight",
+                  a + "attn.proj.weight": b + "self_attn.o_proj.weight", a + "mlp.proj.weight": b + "mlp.down_proj.weight"}
+        if not config.tie_embeddings:
+            m["lm_head.weight"] = "lm_head.weight"
+        return m
+    gpt1 = model_type == "openai-gpt"
+    m = {"wte.weight": "transformer." + ("tokens_embed" if gpt1 else "wte") + ".weight",
+         "wpe.weight": "transformer." + ("positions_embed" if gpt1 else "wpe") + ".weight"}
+    if not gpt1:
+        m |= {"norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}
+    for i in range(config.n_layer):
+        a, b = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv", "attn.c_attn"),
+                             ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
+            m |= {f"{a}{ours}.weight": f"{b}{theirs}.weight", f"{a}{ours}.bias": f"{b}{theirs}.bias"}
+    if not config.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    return m
+
+
+# GPT-1/2 store linear weights as Conv1D, [in, out]: the transpose of ours.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _to_ours(model_type: str, config: GPTConfig, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {}
+    for ours, name in _key_map(model_type, config).items():
+        t = theirs[name]
+        state[ours] = t.t().contiguous() if name.endswith(_CONV1D) else t
+    if model_type == "llama":  # fuse q/k/v and gate/up into one matmul each
+        for i in range(config.n_layer):
+            b = f"model.layers.{i}."
+            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([theirs[b + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            state[f"blocks.{i}.mlp.fc.weight"] = torch.cat([theirs[b + "mlp.gate_proj.weight"], theirs[b + "mlp.up_proj.weight"]])
+            if config.bias:
+                state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([theirs[b + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+                state[f"blocks.{i}.attn.proj.bias"] = theirs[b + "self_attn.o_proj.bias"]
+                state[f"blocks.{i}.mlp.fc.bias"] = torch.cat([theirs[b + "mlp.gate_proj.bias"], theirs[b + "mlp.up_proj.bias"]])
+                state[f"blocks.{i}.mlp.proj.bias"] = theirs[b + "mlp.down_proj.bias"]
+    return state
+
+
+def _to_theirs(model_type: str, config: GPTConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, theirs in _key_map(model_type, config).items():
+        t = ours[name]
+        state[theirs] = t.t().contiguous() if theirs.endswith(_CONV1D) else t
+    if model_type == "llama":
+        q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+        for i in range(config.n_layer):
+            a, b = f"blocks.{i}.", f"model.layers.{i}."
+            for suffix in ("weight", "bias") if config.bias else ("weight",):
+                for x, part in zip("qkv", ours[f"{a}attn.qkv.{suffix}"].split([q, kv, kv])):
+                    state[f"{b}self_attn.{x}_proj.{suffix}"] = part.contiguous()
+                gate, up = ours[f"{a}mlp.fc.{suffix}"].chunk(2)
+                state[f"{b}mlp.gate_proj.{suffix}"], state[f"{b}mlp.up_proj.{suffix}"] = gate.contiguous(), up.contiguous()
+            if config.bias:
+                state[f"{b}self_attn.o_proj.bias"] = ours[f"{a}attn.proj.bias"]
+                state[f"{b}mlp.down_proj.bias"] = ours[f"{a}mlp.proj.bias"]
+    return state
+
+
+def load(src: str | Path) -> GPT:
+    """A gptkit GPT holding the weights of a transformers checkpoint (directory, or hub name when online)."""
+    return _load(src)[0]
+
+
+def _load(src: str | Path) -> tuple[GPT, Tokenizer | None]:
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read a transformers config from {src}: {str(e).splitlines()[0]}") from None
+    t = hf_config.model_type
+    _require(t in SUPPORTED, f"unsupported transformers architecture {t!r}; supported: {', '.join(SUPPORTED.values())}")
+    try:
+        config = _hf_config_to_ours(hf_config)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+    hf_model = getattr(transformers, SUPPORTED[t]).from_pretrained(str(src), dtype=torch.float32)
+    model = GPT(config)
+    state = _to_ours(t, config, hf_model.state_dict())
+    checkpoint.check_state(model, state, src)
+    model.load_state_dict(state)
+    return model.eval(), _load_tokenizer(src)
+
+
+def _load_tokenizer(src) -> Tokenizer | None:
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError, TypeError):
+        return None
+    return Tokenizer(tok.backend_tokenizer) if getattr(tok, "is_fast", False) else None
+
+
+def convert_from_hf(src: str | Path, out: Path) -> Path:
+    model, tokenizer = _load(src)
+    checkpoint.save(out, model, tokenizer)
+    return Path(out)
+
+
+def _architecture(c: GPTConfig) -> str:
+    _require(not c.local_layers, "banded attention layers have no transformers equivalent among GPT-2/GPT-1/Llama")
+    _require(not c.qk_norm, "QK-norm has no transformers equivalent among GPT-2/GPT-1/Llama")
+    if c.pos == "rope":
+        _require(c.norm == "rmsnorm" and c.prenorm and c.activation == "swiglu",
+                 "a RoPE model converts to Llama only with RMSNorm, pre-norm and SwiGLU")
+        return "llama"
+    _require(c.norm == "layernorm" and c.bias and c.activation in ("gelu", "gelu_tanh"),
+             "a learned-position model converts to GPT-2/GPT-1 only with LayerNorm, biases and GELU")
+    return "gpt2" if c.prenorm else "openai-gpt"
+
+
+def convert_to_hf(src: Path, out: Path) -> Path:
+    """Write a gptkit checkpoint as a transformers checkpoint directory (`from_pretrained` loads it)."""
+    import transformers
+
+    model = checkpoint.load_model(src)
+    tokenizer = checkpoint.load_tokenizer(src)
+    c = model.config
+    t = _architecture(c)
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(c.activation)
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings)
+    if t == "llama":
+        hf_config = transformers.LlamaConfig(
+            **common, hidden_size=c.n_embd, intermediate_size=c.hidden, num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, max_position_embeddings=c.context,
+            rms_norm_eps=c.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            attention_bias=c.bias, mlp_bias=c.bias)
+    elif t == "gpt2":
+        hf_config = transformers.GPT2Config(**common, n_positions=c.context, n_embd=c.n_embd, n_layer=c.n_layer,
+                                            n_head=c.n_head, n_inner=c.mlp_hidden, activation_function=act,
+                                            layer_norm_epsilon=c.norm_eps)
+    else:
+        hf_config = transformers.OpenAIGPTConfig(**common, n_positions=c.context, n_embd=c.n_embd, n_layer=c.n_layer,
+                                                 n_head=c.n_head, afn=act, layer_norm_epsilon=c.norm_eps)
+        _require(c.mlp_hidden in (None, 4 * c.n_embd), "GPT-1 in transformers has a fixed 4x MLP width")
+    hf_model = getattr(transformers, SUPPORTED[t])(hf_config)
+    missing, unexpected = hf_model.load_state_dict(_to_theirs(t, c, model.state_dict()), strict=False)
+    missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]  # tied to the embedding
+    _require(not missing and not unexpected, f"conversion left {missing or unexpected} unmatched")
+    hf_model.save_pretrained(str(out))
+    if tokenizer is not None and tokenizer.engine is not None:
+        eot = EOT if EOT in tokenizer.special else None
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.engine, eos_token=eot,
+                                             bos_token=eot).save_pretrained(str(out))
+    return Path(out)

@@ -1,0 +1,243 @@
+"""The GPT model: one class for GPT-1, GPT-2, GPT-3-style and modern decoders, plus its KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer. The generator owns it and advances `pos`;
+    layers only write at `pos` and read up to `pos + T`."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the batch rows `rows` (in that order), e.g. the surviving beams."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+def _norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    angles = torch.outer(torch.arange(config.context, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # one angle per pair (i, i + d/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # Rotate the two halves of each head (the layout of Llama checkpoints in transformers).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv, self.d = layer, config.n_head, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.d, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.d, self.n_kv * self.d, self.n_kv * self.d], dim=-1)
+        q = q.view(B, T, self.n_head, self.d).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.d).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            end = cache.pos + T
+            cache.k[self.layer, :, :, cache.pos:end] = k
+            cache.v[self.layer, :, :, cache.pos:end] = v
+            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_head)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.activation = config.activation
+        gated = 2 if config.activation == "swiglu" else 1  # SwiGLU: gate and up in one matmul
+        self.fc = nn.Linear(config.n_embd, gated * config.hidden, bias=config.bias)
+        self.proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.prenorm, self.local = config.prenorm, layer in config.local_layers
+        self.norm1, self.attn = _norm(config, config.n_embd), Attention(config, layer)
+        self.norm2, self.mlp = _norm(config, config.n_embd), MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, mask, cache):
+        if self.prenorm:
+            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))  # GPT-1: normalise after the residual
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class PackedLinear(nn.Module):
+    """Inference-only linear layer on oneDNN's prepacked weight layout: on CPU its matrix-vector products run
+    at two to three times the memory bandwidth of the BLAS path, which is what bounds decoding speed."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), persistent=False)
+        self.bias = bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context, config.n_embd) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = _norm(config, config.n_embd) if config.prenorm else None
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.packed_head: PackedLinear | None = None  # set by pack_for_cpu_inference
+        if config.pos == "rope":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer), norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("proj.weight") else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.config, batch, max_len or self.config.context, w.dtype, w.device)
+
+    def _masks(self, T: int, start: int, pad: Tensor | None, device) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean masks (True = may attend) for the dense and the banded layers; None = plain causal."""
+        window = self.config.window if self.config.local_layers else None
+        if pad is None and window is None and (start == 0 or T == 1):
+            return None, None
+        i = torch.arange(start, start + T, device=device)[:, None]
+        j = torch.arange(start + T, device=device)[None, :]
+        dense = j <= i
+        if pad is not None:  # left padding: rows ignore their pad keys; pad queries see themselves (no NaN)
+            dense = (dense & (j >= pad[:, None, None])) | (i == j)
+            dense = dense[:, None]
+        local = dense & (j > i - window) if window else None
+        return dense, local
+
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None) -> Tensor:
+        """Final hidden states [B, T, n_embd]. `pad[b]` = left-pad tokens in row b (positions start after them)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.context:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        if pad is not None:
+            pos = (pos[None, :] - pad[:, None]).clamp_min(0)
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            if pad is not None:  # per-row positions: broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
+        x = self.drop(x)
+        dense, local = self._masks(T, start, pad, idx.device)
+        for block in self.blocks:
+            x = block(x, rope, local if block.local else dense, cache)
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def logits(self, h: Tensor) -> Tensor:
+        if self.packed_head is not None:
+            return self.packed_head(h)
+        return F.linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
+
+    @torch.no_grad()
+    def pack_for_cpu_inference(self) -> GPT:
+        """Give every linear layer a prepacked copy of its weights for fast CPU decoding (fp32 or bf16).
+        The parameters stay as they are, so the state dict is unchanged; no-op where oneDNN is unavailable."""
+        w = self.wte.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+            return self
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and not isinstance(child, PackedLinear):
+                    packed = PackedLinear(child.weight, child.bias)
+                    packed.weight = child.weight  # keep the parameter (and the state dict's key)
+                    setattr(module, name, packed)
+        self.packed_head = PackedLinear(w if self.lm_head is None else self.lm_head.weight, None)
+        return self
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        h = self.hidden_states(idx, cache, pad)
+        return self.logits(h[:, -1:] if last_only else h)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores."""
+        c = self.config
+        matmul = self.num_params(embeddings=False) + (c.vocab_size * c.n_embd if c.tie_embeddings else 0)
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * (seq_len or c.context)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+import gptkit
+from gptkit import GPT, GenerationError, SamplingParams, Tokenizer, preset
+from gptkit.generate import Detokenizer, apply_repetition_penalty, beam_search, generate_ids, sample
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
+                                 dict(min_p=2.0), dict(repetition_penalty=0), dict(max_new_tokens=0),
+                                 dict(num_beams=0), dict(temperature=float("nan")), dict(stop=("",))])
+def test_invalid_sampling_settings(bad):
+    with pytest.raises(GenerationError):
+        SamplingParams(**bad)
+
+
+def test_truncating_settings_reduce_to_greedy():
+    logits = torch.randn(4, 50)
+    greedy = sample(logits, temperature=0)
+    assert torch.equal(greedy, logits.argmax(-1))
+    assert torch.equal(sample(logits, top_k=1), greedy)
+    assert torch.equal(sample(logits, top_p=1e-6), greedy)
+    assert torch.equal(sample(logits, min_p=1.0), greedy)
+
+
+def test_top_k_and_top_p_only_sample_the_kept_tokens():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, top_k=2, generator=gen).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)
+    assert probs[0] < 0.8 < probs[:2].sum()  # top_p=0.8 keeps exactly tokens 0 and 1
+    assert set(sample(logits, top_p=0.8, generator=gen).tolist()) == {0, 1}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 0]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_detokenizer_never_splits_a_character(bpe):
+    ids = bpe.encode("aꙮb")  # ꙮ (3 UTF-8 bytes) is not in the training text: one token per byte
+    assert len(ids) >= 4
+    det = Detokenizer(bpe)
+    pieces = [det.push(i) for i in ids] + [det.flush()]
+    assert "".join(pieces) == "aꙮb"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_detokenizer_cuts_at_stop_string_and_holds_back_prefixes():
+    tok = Tokenizer.char("abcdefghijklmnopqrstuvwxyz ")
+    det = Detokenizer(tok, stop=("stop",))
+    pieces = []
+    for i in tok.encode("go on st stop here"):
+        pieces.append(det.push(i))
+        if det.done:
+            break
+    assert "".join(pieces) == "go on st "
+    assert det.finish_reason == "stop"
+    assert "".join(pieces[:len("go on st st")]) == "go on st "  # a possible start of "stop" is held back
+
+
+@pytest.fixture
+def lm(tiny_ckpt):
+    return gptkit.load(tiny_ckpt)
+
+
+def test_generate_is_reproducible_with_a_seed(lm):
+    a = lm.generate("def add", max_new_tokens=30, seed=7)
+    assert a == lm.generate("def add", max_new_tokens=30, seed=7)
+    assert a != lm.generate("def add", max_new_tokens=30, seed=8)
+
+
+def test_stream_pieces_join_to_the_generated_text(lm):
+    pieces = list(lm.stream("The quick", max_new_tokens=40, temperature=0))
+    assert "".join(pieces) == lm.generate("The quick", max_new_tokens=40, temperature=0)
+    assert len(pieces) > 1
+
+
+def test_stop_string_ends_generation(lm):
+    full = lm.generate("The quick", max_new_tokens=40, temperature=0)
+    stop = full[10:13]
+    cut = lm.generate("The quick", max_new_tokens=40, temperature=0, stop=[stop])
+    assert cut == full[:full.index(stop)]
+    assert lm.finish_reasons == ["stop"]
+
+
+def test_batched_text_generation_equals_single(lm):
+    prompts = ["The quick", "def add(a, b):\n", "Ü"]
+    batched = lm.generate(prompts, max_new_tokens=15, temperature=0)
+    assert batched == [lm.generate(p, max_new_tokens=15, temperature=0) for p in prompts]
+
+
+def test_prompt_longer_than_context_is_refused(lm):
+    with pytest.raises(GenerationError, match="exceeds the model's context of 64"):
+        lm.generate("word " * 100, max_new_tokens=5)
+
+
+def test_beam_search_scores_at_least_greedy():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=40, context=64)).eval()
+    prompt = [1, 2, 3]
+
+    def logprob(tokens):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            lp = model(ids)[0, :-1].log_softmax(-1)
+        return lp[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
+
+    greedy = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0))]
+    assert beam_search(model, prompt, 1, 12) == greedy
+    beams = beam_search(model, prompt, 4, 12)
+    assert len(beams) == 12 and logprob(beams) >= logprob(greedy) - 1e-5
+
+
+def test_beam_search_through_the_api(lm):
+    out = lm.generate("The quick", max_new_tokens=10, num_beams=3)
+    assert isinstance(out, str) and out == lm.generate("The quick", max_new_tokens=10, num_beams=3)

@@ -1,0 +1,71 @@
+"""Parity with transformers: same weights, same logits; and a bit-exact round trip."""
+
+import pytest
+import torch
+import transformers
+
+from gptkit import checkpoint, hf
+
+ARCHS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=120, n_positions=64)),
+    "gpt1": lambda: transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=120, n_positions=64)),
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        vocab_size=120, max_position_embeddings=64, tie_word_embeddings=False, rope_theta=5000.0)),
+}
+
+
+@pytest.fixture(params=list(ARCHS))
+def saved(request, tmp_path):
+    torch.manual_seed(0)
+    model = ARCHS[request.param]().eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path
+
+
+def test_logits_match_transformers(saved):
+    theirs, tmp = saved
+    ours = hf.load(tmp / "hf")
+    ids = torch.randint(0, 120, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_round_trip_is_bit_exact(saved):
+    theirs, tmp = saved
+    hf.convert_from_hf(tmp / "hf", tmp / "ours")
+    hf.convert_to_hf(tmp / "ours", tmp / "back")
+    again = type(theirs).from_pretrained(tmp / "back")
+    a, b = theirs.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_travels_both_ways(tmp_path, bpe):
+    from gptkit import GPT, preset
+
+    model = GPT(preset("tiny-gpt2", vocab_size=bpe.vocab_size, context=64))
+    checkpoint.save(tmp_path / "ours", model, bpe)
+    hf.convert_to_hf(tmp_path / "ours", tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert fast("def add(a, b):")["input_ids"] == bpe.encode("def add(a, b):")
+    hf.convert_from_hf(tmp_path / "hf", tmp_path / "again")
+    assert checkpoint.load_tokenizer(tmp_path / "again").encode("héllo 🙂") == bpe.encode("héllo 🙂")
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+    ).save_pretrained(tmp_path)
+    with pytest.raises(hf.ConversionError, match="unsupported transformers architecture 'gpt_neox'"):
+        hf.load(tmp_path)
+
+
+def test_banded_model_has_no_transformers_form(tmp_path):
+    from gptkit import GPT, preset
+
+    checkpoint.save(tmp_path / "c", GPT(preset("tiny-gpt3", vocab_size=50)))
+    with pytest.raises(hf.ConversionError, match="banded"):
+        hf.convert_to_hf(tmp_path / "c", tmp_path / "out")
