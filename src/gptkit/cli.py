@@ -73,6 +73,29 @@ def cmd_convert(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_prepare(args) -> None:
+    from .data import prepare, read_sources
+
+    docs = read_sources(texts=args.text, jsonl=args.jsonl, corpora=args.corpus, hf=args.hf_dataset, field=args.field)
+    meta = prepare(docs, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, dtype=args.dtype)
+    s = meta["splits"]
+    print(f"{args.out}: {meta['documents']} documents, {meta['chars']:,} characters -> "
+          f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({meta['dtype']}, "
+          f"{meta['vocab_size']} token {meta['tokenizer']['kind']} vocabulary)")
+
+
+def cmd_train(args) -> None:
+    from .train import load_recipe, train
+
+    cfg = load_recipe(args.config, args.overrides, preset=args.preset, data=args.data, out=args.out,
+                      max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
+    result = train(cfg, resume=args.resume)
+    val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
+    print(f"done: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f}s, "
+          f"val loss {val}; checkpoint in {result['out']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,6 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
     s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("prepare", help="tokenize text into train/val shards (default: the embedded corpus)")
+    s.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
+    s.add_argument("--jsonl", action="append", default=[], help="JSONL file(s) with a text field (repeatable)")
+    s.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
+    s.add_argument("--corpus", action="append", default=[],
+                   help="named corpus: python (embedded: stdlib source + pydoc), tinyshakespeare (download)")
+    s.add_argument("--hf-dataset", action="append", default=[], help="Hugging Face dataset name (online)")
+    s.add_argument("--tokenizer", default="bpe", choices=["char", "bpe", "gpt2", "cl100k"])
+    s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: smallest that fits)")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)")
+    s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
+    s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
+    s.add_argument("--preset", help="model preset, e.g. tiny-modern, gpt2")
+    s.add_argument("--out", help="run directory (a checkpoint directory)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--time-limit", type=float, metavar="SECONDS")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint, streaming to the terminal")
     s.add_argument("checkpoint")

@@ -1,0 +1,122 @@
+"""Training recipes: a dataclass, read from TOML, overridden by `key=value` pairs from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not describe a valid run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train, on what, where
+    preset: str = "tiny-modern"
+    model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {n_layer = 6}
+    data: str = ""  # prepared data directory; empty: the embedded corpus, prepared on first use
+    out: str = "runs/default"
+    # batch
+    batch_size: int = 16  # sequences per micro-batch
+    block_size: int = 0  # tokens per sequence; 0: the model's context
+    grad_accum: int = 1  # micro-batches per optimizer step
+    tokens_per_step: int = 0  # > 0: set grad_accum to reach this many tokens per step
+    # stopping: whichever comes first (0 = no limit)
+    max_steps: int = 2000
+    max_tokens: int = 0
+    time_limit: float = 0.0  # seconds of training
+    # optimizer and schedule
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # warmup-stable-decay: the last fraction of steps decays linearly
+    grad_clip: float = 1.0  # 0 = off
+    # execution
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+    # bookkeeping
+    eval_interval: int = 250
+    eval_tokens: int = 0  # 0: the whole validation split
+    ckpt_interval: int = 500
+    log_interval: int = 10
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (self.max_steps > 0 or self.max_tokens > 0 or self.time_limit > 0,
+             "give a limit: max_steps, max_tokens or time_limit"),
+            (self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r}"),
+            (self.schedule in ("cosine", "wsd", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+            (self.lr > 0, "lr must be positive"),
+            (self.eval_interval >= 1 and self.ckpt_interval >= 1 and self.log_interval >= 1,
+             "intervals must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RecipeError(msg)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_value(text: str):
+    """A TOML value (`3`, `1e-3`, `true`, `"x"`, `{n_layer = 2}`); a bare word stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = dict(values)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise RecipeError(f"override {item!r} is not key=value")
+        key = key.strip().replace("-", "_")
+        if key.startswith("model."):
+            values["model"] = {**values.get("model", {}), key[len("model."):]: _parse_value(text.strip())}
+        else:
+            values[key] = _parse_value(text.strip())
+    return values
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), **flags) -> TrainConfig:
+    """Recipe file, then `key=value` overrides, then explicit flags (None = not given)."""
+    values = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"no recipe file {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+    values = apply_overrides(values, list(overrides))
+    values |= {k: v for k, v in flags.items() if v is not None}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RecipeError(f"unknown recipe field(s): {', '.join(unknown)}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for k, v in values.items():  # TOML has no float for `3`; accept ints where floats are meant
+        if types[k] == "float" and isinstance(v, int) and not isinstance(v, bool):
+            values[k] = float(v)
+        expected = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(types[k])
+        if expected and not isinstance(values[k], expected):
+            raise RecipeError(f"{k} must be {types[k]}, got {values[k]!r}")
+    return TrainConfig(**values)
