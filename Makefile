@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench
+.PHONY: install demo test
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/gptkit demo
+	$(BIN)/gptkit prepare --corpus python --tokenizer bpe --vocab-size 4096 --out data/python-bpe4096
+	rm -rf runs/demo
+	$(BIN)/gptkit train --data data/python-bpe4096 --out runs/demo --time-limit 120
+	$(BIN)/gptkit generate runs/demo --prompt "def " --max-new-tokens 120 --temperature 0.8 --seed 0
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -88,7 +88,13 @@ def cmd_prepare(args) -> None:
 def cmd_train(args) -> None:
     from .train import load_recipe, train
 
-    cfg = load_recipe(args.config, args.overrides, preset=args.preset, data=args.data, out=args.out,
+    overrides = list(args.overrides)
+    limits = ("max_steps", "max_tokens", "time_limit")
+    if not args.config and args.max_steps is None and args.time_limit is None and not any(
+            o.split("=")[0].strip().replace("-", "_") in limits for o in overrides):
+        print("no recipe or limit given: training for 2 minutes (set --max-steps or --time-limit)")
+        overrides += ["time_limit=120", "max_steps=0"]
+    cfg = load_recipe(args.config, overrides, preset=args.preset, data=args.data, out=args.out,
                       max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
     result = train(cfg, resume=args.resume)
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"

@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     tokens_per_step = cfg.batch_size * run.block * run.grad_accum
     flops_per_step = model.flops_per_token(run.block) * tokens_per_step
     peak = peak_flops(device)
-    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet or None,
+                dynamic_ncols=True, mininterval=1.0)
     val_loss, loss_value = None, math.nan
     model.train()
     window_t, window_steps = time.perf_counter(), 0
@@ -191,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             opt.zero_grad(set_to_none=True)
         run.step += 1
         run.tokens += tokens_per_step
+        run.elapsed += time.perf_counter() - t0
         window_steps += 1
         bar.update(1)
         done = run.progress() >= 1
@@ -206,12 +208,12 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
             window_t, window_steps = time.perf_counter(), 0
-        run.elapsed += time.perf_counter() - t0
         if run.step % cfg.eval_interval == 0 or done:
             t_eval = time.perf_counter()
             val_loss = evaluate_loss(model, run.val_data, run.block, cfg.batch_size, device, autocast, cfg.eval_tokens)
             log.write({"step": run.step, "val_loss": round(val_loss, 6), "elapsed_s": round(run.elapsed, 2)})
-            bar.write(f"step {run.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
+            if not quiet:
+                bar.write(f"step {run.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             plot_losses(log.path, run.out / "loss.png")
             window_t += time.perf_counter() - t_eval  # keep evaluation out of tokens/s
         if run.step % cfg.ckpt_interval == 0 or done:

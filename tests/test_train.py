@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+import gptkit
+from gptkit import checkpoint
+from gptkit.data import prepare, read_sources
+from gptkit.train import TrainError, load_recipe, train
+from gptkit.train.metrics import read_metrics
+from gptkit.train.optim import lr_factor, orthogonalize
+from gptkit.train.recipe import RecipeError
+from gptkit.train.trainer import Run
+
+TEXT = "the cat sat on the mat. the dog sat on the log. " * 200
+MODEL = "model={n_layer=2, n_head=2, n_embd=32, context=32}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    (out / "t.txt").write_text(TEXT)
+    prepare(read_sources(texts=[str(out / "t.txt")]), out / "char", tokenizer="char")
+    return out / "char"
+
+
+def recipe(data, out, *overrides):
+    return load_recipe(None, [MODEL, "batch_size=4", "warmup_steps=5", "eval_interval=10", "ckpt_interval=10",
+                              "log_interval=1", *overrides], data=str(data), out=str(out), preset="tiny-gpt2")
+
+
+def test_training_learns_and_leaves_a_usable_run_directory(data, tmp_path):
+    result = train(recipe(data, tmp_path / "run", "max_steps=60", "lr=3e-3"), quiet=True)
+    assert result["val_loss"] < 2.2  # from ln(12 chars) = 2.5 at the start
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "model.safetensors", "chars.json", "train_state.pt", "metrics.jsonl", "loss.png"} <= names
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = gptkit.load(tmp_path / "run").generate("the ", max_new_tokens=20, temperature=0)
+    assert len(text) == 20
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch, optimizer):
+    cfg = recipe(data, tmp_path / "full", "max_steps=20", f"optimizer=\"{optimizer}\"", "model.dropout=0.1")
+    train(cfg, quiet=True)
+
+    original = Run.save
+
+    def save_then_die(self):
+        original(self)
+        raise KeyboardInterrupt  # killed right after the step-10 checkpoint
+
+    monkeypatch.setattr(Run, "save", save_then_die)
+    resumed = cfg.replace(out=str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, quiet=True)
+    monkeypatch.setattr(Run, "save", original)
+    train(resumed, resume=True, quiet=True)
+
+    a = checkpoint.load_model(tmp_path / "full").state_dict()
+    b = checkpoint.load_model(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    curves = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(tmp_path / d / "metrics.jsonl")]
+              for d in ("full", "resumed")]
+    assert curves[0] == curves[1] and len(curves[0]) == 22  # 20 steps + 2 evaluations
+
+
+def test_refuses_to_overwrite_or_resume_incompatibly(data, tmp_path):
+    cfg = recipe(data, tmp_path / "run", "max_steps=10")
+    train(cfg, quiet=True)
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(cfg, quiet=True)
+    with pytest.raises(TrainError, match="model differs: n_layer=3"):
+        train(cfg.replace(model={**cfg.model, "n_layer": 3}), resume=True, quiet=True)
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(cfg.replace(out=str(tmp_path / "empty")), resume=True, quiet=True)
+
+
+def test_resume_with_data_from_another_tokenizer(data, tmp_path):
+    train(recipe(data, tmp_path / "run", "max_steps=10"), quiet=True)
+    (tmp_path / "other.txt").write_text(TEXT.upper())
+    prepare(read_sources(texts=[str(tmp_path / "other.txt")]), tmp_path / "other", tokenizer="char")
+    with pytest.raises(TrainError, match="different tokenizer"):
+        train(recipe(tmp_path / "other", tmp_path / "run", "max_steps=20"), resume=True, quiet=True)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    cfg = recipe(data, tmp_path / "run", "max_steps=20")
+    calls = []
+    real = checkpoint.write_atomically
+
+    def disk_full_on_second(directory, files):
+        calls.append(1)
+        if len(calls) == 2:
+            def fail(path):
+                raise OSError(28, "No space left on device")
+            files = {**files, "model.safetensors": fail}
+        return real(directory, files)
+
+    monkeypatch.setattr(checkpoint, "write_atomically", disk_full_on_second)
+    with pytest.raises(TrainError, match="previous one .* is intact"):
+        train(cfg, quiet=True)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert state["step"] == 10
+    checkpoint.load_model(tmp_path / "run")
+
+
+def test_recipe_file_and_overrides(tmp_path):
+    (tmp_path / "r.toml").write_text('preset = "tiny-modern"\nlr = 1\nmodel = {n_layer = 2}\n')
+    cfg = load_recipe(tmp_path / "r.toml", ["lr=3e-4", "model.n_embd=64", "schedule=wsd"], max_steps=5)
+    assert (cfg.preset, cfg.lr, cfg.model, cfg.schedule, cfg.max_steps) == (
+        "tiny-modern", 3e-4, {"n_layer": 2, "n_embd": 64}, "wsd", 5)
+    with pytest.raises(RecipeError, match="unknown recipe field"):
+        load_recipe(None, ["learning_rate=1"])
+    with pytest.raises(RecipeError, match="batch_size must be int"):
+        load_recipe(None, ["batch_size=big"])
+    with pytest.raises(RecipeError, match="no recipe file"):
+        load_recipe(tmp_path / "missing.toml")
+
+
+def test_schedules():
+    cfg = load_recipe(None, ["warmup_steps=10", "min_lr_ratio=0.1"])
+    assert lr_factor(0, 0.0, cfg) == pytest.approx(0.1) and lr_factor(9, 0.01, cfg) == 1.0
+    assert lr_factor(500, 1.0, cfg) == pytest.approx(0.1)
+    wsd = cfg.replace(schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(50, 0.5, wsd) == 1.0 and lr_factor(90, 0.9, wsd) == pytest.approx(0.55)
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    g = torch.randn(3, 64, 32) * torch.logspace(-2, 1, 32)  # condition number in the thousands
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert (s.max(-1).values / s.min(-1).values).max() < 10 and s.max() < 1.5
