@@ -102,6 +102,21 @@ def cmd_train(args) -> None:
           f"val loss {val}; checkpoint in {result['out']}")
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    import gptkit
+
+    from .serve import create_app
+
+    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm.model.pack_for_cpu_inference()
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch)
+    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
+    s.add_argument("checkpoint")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
+    s.add_argument("--model-name", help="model id clients use (default: the checkpoint directory's name)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("convert", help="convert to and from Hugging Face transformers checkpoints")
     s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")

@@ -81,8 +81,10 @@ def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
 
 
 @torch.inference_mode()
-def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams) -> Iterator[Tensor]:
-    """Yield the next token of every row, step by step, for prompts of different lengths (left padded)."""
+def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams,
+                 vocab_limit: int | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every row, step by step, for prompts of different lengths (left padded).
+    `vocab_limit`: sample only ids below it (a model vocabulary padded beyond its tokenizer's)."""
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
         raise GenerationError("empty prompt: give at least one token")
@@ -100,7 +102,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams) -
     for step in range(params.max_new_tokens):
         if params.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        token = sample(logits, params.temperature, params.top_k, params.top_p, params.min_p, gen)
+        token = sample(logits[:, :vocab_limit], params.temperature, params.top_k, params.top_p, params.min_p, gen)
         yield token
         if step + 1 == params.max_new_tokens:
             return
@@ -147,8 +149,8 @@ def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: i
 class Detokenizer:
     """Turns one row's token stream into text pieces: whole characters only, cut at the first stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), eot_id: int | None = None):
-        self.tokenizer, self.stop, self.eot_id = tokenizer, stop, eot_id
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_ids: tuple[int, ...] = ()):
+        self.tokenizer, self.stop, self.stop_ids = tokenizer, stop, stop_ids
         self.ids: list[int] = []
         self.text, self.sent, self.done = "", 0, False
         self.finish_reason: str | None = None
@@ -156,7 +158,7 @@ class Detokenizer:
     def push(self, token: int) -> str:
         if self.done:
             return ""
-        if token == self.eot_id:
+        if token in self.stop_ids:
             self.done, self.finish_reason = True, "stop"
             return self.flush()
         self.ids.append(token)
@@ -192,18 +194,19 @@ class LM:
     def stream_batch(self, prompts: list[str], params: SamplingParams) -> Iterator[list[str]]:
         """Yield, per step, the new text piece of every prompt ('' for finished rows)."""
         eot = self.tokenizer.special.get("<|endoftext|>")
+        stop_ids = (eot,) if eot is not None else ()
         ids = [self.encode_prompt(p) for p in prompts]
         self.finish_reasons = ["length"] * len(prompts)
         if params.num_beams > 1:
             for i, p in enumerate(ids):
                 out = beam_search(self.model, p, params.num_beams, params.max_new_tokens, eot)
-                det = Detokenizer(self.tokenizer, params.stop, eot)
+                det = Detokenizer(self.tokenizer, params.stop, stop_ids)
                 text = "".join(det.push(t) for t in out) + det.flush()
                 yield ["" if j != i else text for j in range(len(prompts))]
                 self.finish_reasons[i] = det.finish_reason or "length"
             return
-        dets = [Detokenizer(self.tokenizer, params.stop, eot) for _ in prompts]
-        for tokens in generate_ids(self.model, ids, params):
+        dets = [Detokenizer(self.tokenizer, params.stop, stop_ids) for _ in prompts]
+        for tokens in generate_ids(self.model, ids, params, self.tokenizer.vocab_size):
             yield [d.push(t) for d, t in zip(dets, tokens.tolist())]
             if all(d.done for d in dets):
                 break

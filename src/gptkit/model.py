@@ -12,21 +12,73 @@ from .config import GPTConfig
 
 
 class KVCache:
-    """Preallocated keys and values for every layer. The generator owns it and advances `pos`;
-    layers only write at `pos` and read up to `pos + T`."""
+    """Preallocated keys and values for every layer. The generator owns it and advances it; layers only
+    `write` their new keys and values and read the filled part.
+
+    Two modes: all rows at one shared position `pos` (generation, prefill of any length), or, after
+    `per_row()`, each row at its own length (serving slots: single-token decode steps)."""
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = 0
+        self.lengths: Tensor | None = None  # per-row mode
+        self.span = 0  # per-row mode: max(lengths), kept on the host
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def per_row(self) -> KVCache:
+        self.lengths = torch.zeros(self.k.shape[1], dtype=torch.long, device=self.k.device)
+        return self
+
     def advance(self, n: int) -> None:
-        self.pos += n
+        if self.lengths is None:
+            self.pos += n
+        else:
+            self.lengths += n
+            self.span += n
+
+    def set_row(self, row: int, other: KVCache) -> None:
+        """Install a batch-1 cache (a prefilled prompt) as row `row` (per-row mode)."""
+        n = other.pos
+        self.k[:, row, :, :n] = other.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = other.v[:, 0, :, :n]
+        self.lengths[row] = n
+        self.span = int(self.lengths.max())
+
+    def reset_row(self, row: int) -> None:
+        self.lengths[row] = 0
+        self.span = int(self.lengths.max())
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[:, dst], self.v[:, dst], self.lengths[dst] = self.k[:, src], self.v[:, src], self.lengths[src]
+
+    def rows(self, n: int) -> KVCache:
+        """A view of the first `n` rows (per-row mode): writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.pos = self.k[:, :n], self.v[:, :n], 0
+        view.lengths, view.span = self.lengths[:n], self.span
+        return view
+
+    def advance_rows(self, n: int) -> None:
+        self.lengths[:n] += 1
+        self.span = int(self.lengths.max())
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values [B, kv_heads, T, d]; return all keys/values so far."""
+        if self.lengths is None:
+            end = self.pos + k.shape[2]
+            self.k[layer, :, :, self.pos:end] = k
+            self.v[layer, :, :, self.pos:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[layer, rows, :, self.lengths] = k[:, :, 0]
+            self.v[layer, rows, :, self.lengths] = v[:, :, 0]
+            end = self.span + 1
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the batch rows `rows` (in that order), e.g. the surviving beams."""
@@ -74,10 +126,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            end = cache.pos + T
-            cache.k[self.layer, :, :, cache.pos:end] = k
-            cache.v[self.layer, :, :, cache.pos:end] = v
-            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            k, v = cache.write(self.layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_head)
@@ -184,25 +233,35 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None) -> Tensor:
         """Final hidden states [B, T, n_embd]. `pad[b]` = left-pad tokens in row b (positions start after them)."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.context:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        if pad is not None:
-            pos = (pos[None, :] - pad[:, None]).clamp_min(0)
+        if cache is not None and cache.lengths is not None:  # per-row lengths: one new token per row
+            pos = cache.lengths[:, None]
+            dense, local = self._row_masks(cache.lengths, cache.span + 1)
+        else:
+            start = cache.pos if cache is not None else 0
+            if start + T > self.config.context:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context}")
+            pos = torch.arange(start, start + T, device=idx.device)
+            if pad is not None:
+                pos = (pos[None, :] - pad[:, None]).clamp_min(0)
+            dense, local = self._masks(T, start, pad, idx.device)
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)
         else:
             rope = (self.rope_cos[pos], self.rope_sin[pos])
-            if pad is not None:  # per-row positions: broadcast over heads
+            if pos.dim() == 2:  # per-row positions: broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
-        dense, local = self._masks(T, start, pad, idx.device)
         for block in self.blocks:
             x = block(x, rope, local if block.local else dense, cache)
         return self.norm_f(x) if self.norm_f is not None else x
+
+    def _row_masks(self, lengths: Tensor, span: int) -> tuple[Tensor, Tensor | None]:
+        j = torch.arange(span, device=lengths.device)[None, :]
+        dense = j <= lengths[:, None]
+        local = dense & (j > lengths[:, None] - self.config.window) if self.config.local_layers else None
+        return dense[:, None, None], (local[:, None, None] if local is not None else None)
 
     def logits(self, h: Tensor) -> Tensor:
         if self.packed_head is not None:

@@ -196,6 +196,28 @@ class Tokenizer:
             special[t] = len(self.chars) + len(special)
         return Tokenizer(chars=self.chars, special=special)
 
+    # --- chat -----------------------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation as prompt ids ending where the assistant speaks next. ChatML with the chat tokens
+        when the vocabulary has them (message text can never inject a special token); otherwise plain
+        "Role: text" lines."""
+        start, end = (self.special.get(t) for t in CHAT_TOKENS)
+        ids: list[int] = []
+        if start is not None and end is not None:
+            for m in messages:
+                ids += [start] + self.encode(f"{m['role']}\n") + self.encode(m["content"]) + [end] + self.encode("\n")
+            return ids + [start] + self.encode("assistant\n")
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return self.encode(text + "Assistant:")
+
+    def chat_stops(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """(stop strings, stop token ids) that end an assistant turn."""
+        end = self.special.get(CHAT_TOKENS[1])
+        eot = self.special.get(EOT)
+        if end is not None and self.special.get(CHAT_TOKENS[0]) is not None:
+            return (), tuple(i for i in (end, eot) if i is not None)
+        return ("\nUser:", "\nSystem:"), ((eot,) if eot is not None else ())
+
     # --- files --------------------------------------------------------------------------------------------
     def to_json(self) -> tuple[str, str]:
         """(file name, contents) of this tokenizer's file in a checkpoint directory."""
