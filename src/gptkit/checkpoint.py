@@ -58,9 +58,12 @@ def text_writer(text: str) -> Writer:
     return lambda path: path.write_text(text, encoding="utf-8")
 
 
-def model_files(model: GPT, tokenizer: Tokenizer | None = None) -> dict[str, Writer]:
-    """The writers for a model's (and its tokenizer's) files in a checkpoint directory."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def model_files(model: GPT, tokenizer: Tokenizer | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
+    """The writers for a model's (and its tokenizer's) files in a checkpoint directory. `state_dict`: the
+    full weights when the model's own are sharded."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     files = {
         WEIGHTS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
         CONFIG_FILE: text_writer(json.dumps(model.config.to_dict(), indent=2) + "\n"),

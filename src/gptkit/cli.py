@@ -97,6 +97,8 @@ def cmd_train(args) -> None:
     cfg = load_recipe(args.config, overrides, preset=args.preset, data=args.data, out=args.out,
                       max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
     result = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
     print(f"done: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f}s, "
           f"val loss {val}; checkpoint in {result['out']}")
@@ -187,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":  # key=value overrides may come after options too
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except KeyboardInterrupt:

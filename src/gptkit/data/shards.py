@@ -165,16 +165,18 @@ class TokenShards:
     def tokenizer_sha256(self) -> str:
         return self.meta["tokenizer"]["sha256"]
 
-    def batch(self, batch_size: int, block: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: inputs [B, block] and next-token targets [B, block] (int64)."""
+    def batch(self, batch_size: int, block: int, generator: torch.Generator,
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: inputs [B, block] and next-token targets [B, block] (int64). Data-parallel ranks
+        draw the same global batch and each reads only its `rows` of it."""
         sizes = torch.tensor([max(len(a) - block - 1, 0) for a in self.arrays], dtype=torch.float64)
         if sizes.sum() == 0:
             raise DataError(f"the data has fewer than {block + 1} tokens per shard: lower the block size")
         which = torch.multinomial(sizes, batch_size, replacement=True, generator=generator).tolist()
         starts = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * sizes[which]).long().tolist()
-        rows = np.stack([self.arrays[w][s:s + block + 1] for w, s in zip(which, starts)]).astype(np.int64)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+        windows = [self.arrays[w][s:s + block + 1] for w, s in list(zip(which, starts))[rows]]
+        data = torch.from_numpy(np.stack(windows).astype(np.int64))
+        return data[:, :-1], data[:, 1:]
 
     def windows(self, block: int, batch_size: int):
         """Consecutive windows covering the whole split once, as (inputs, targets) batches (for validation)."""

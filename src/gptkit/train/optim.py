@@ -52,13 +52,14 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"]).add_(o, alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
+                     fused: bool = True) -> list[torch.optim.Optimizer]:
     """AdamW decays matrices only (not embeddings' rows of norms or biases). With Muon, the blocks'
     matrices go to Muon and everything else stays on AdamW."""
     hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks.")]
     embed = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("blocks.")]
     vectors = [p for p in model.parameters() if p.dim() < 2]
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    fused = {"fused": True} if fused and device.type in ("cpu", "cuda") else {}
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         adam = torch.optim.AdamW([{"params": embed, "weight_decay": 0.0}, {"params": vectors, "weight_decay": 0.0}],

@@ -47,6 +47,9 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
+    # distributed (torchrun): batch_size is the global batch, split evenly over the ranks
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout: float = 600.0  # seconds a collective may wait for a lost rank before the run fails
     # bookkeeping
     eval_interval: int = 250
     eval_tokens: int = 0  # 0: the whole validation split
@@ -61,6 +64,7 @@ class TrainConfig:
              "give a limit: max_steps, max_tokens or time_limit"),
             (self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r}"),
             (self.schedule in ("cosine", "wsd", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}"),
             (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
             (self.lr > 0, "lr must be positive"),
             (self.eval_interval >= 1 and self.ckpt_interval >= 1 and self.log_interval >= 1,

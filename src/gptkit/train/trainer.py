@@ -19,6 +19,7 @@ from ..data import TokenShards, embedded_corpus, prepare
 from ..data.corpora import CACHE
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from . import distributed
 from .metrics import MetricsLog, plot_losses
 from .optim import build_optimizers, lr_factor
 from .recipe import TrainConfig
@@ -74,6 +75,15 @@ class Run:
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.device = pick_device(cfg.device)
+        self.dist = distributed.setup(self.device.type, cfg.strategy, cfg.dist_timeout)
+        if self.device.type == "cuda" and self.dist.active:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.batch_size % self.dist.world:
+            raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the world size {self.dist.world}")
+        self.rank_batch = cfg.batch_size // self.dist.world
+        self.rows = slice(self.dist.rank * self.rank_batch, (self.dist.rank + 1) * self.rank_batch)
+        if cfg.strategy == "fsdp" and cfg.optimizer == "muon":
+            raise TrainError("Muon is not supported with FSDP yet; use optimizer=\"adamw\" or strategy=\"ddp\"")
         data_dir = Path(cfg.data) if cfg.data else default_data_dir()
         self.train_data = TokenShards(data_dir, "train")
         self.val_data = TokenShards(data_dir, "val")
@@ -90,21 +100,26 @@ class Run:
             raise TrainError(f"vocab_size {model_config.vocab_size} is smaller than the data's tokenizer "
                              f"({self.tokenizer.vocab_size} tokens)")
         self.model = GPT(model_config).to(self.device)
+        if resume:  # weights first: FSDP shards what it is given
+            self.check_resumable(state_path, model_config)
+            self.model.load_state_dict(checkpoint.load_model(self.out, self.device).state_dict())
+        self.wrapped = distributed.wrap(self.model, cfg.strategy, self.dist, self.device, cfg.dtype == "bf16")
         self.block = cfg.block_size or model_config.context
         if self.block > model_config.context:
             raise TrainError(f"block_size {self.block} exceeds the model's context {model_config.context}")
         self.grad_accum = (max(1, round(cfg.tokens_per_step / (cfg.batch_size * self.block)))
                            if cfg.tokens_per_step else cfg.grad_accum)
-        self.optimizers = build_optimizers(self.model, cfg, self.device)
+        self.sharded = self.dist.active and cfg.strategy == "fsdp"
+        self.optimizers = build_optimizers(self.model, cfg, self.device, fused=not self.sharded)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["base_lr"] = group["lr"]
         self.data_rng = torch.Generator().manual_seed(cfg.seed)  # the data position
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         if resume:
-            self.restore(state_path, model_config)
+            self.restore(state_path)
 
-    def restore(self, path: Path, model_config) -> None:
+    def check_resumable(self, path: Path, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
         if saved_config != model_config:
             diff = [f"{k}={v} (run has {getattr(saved_config, k)})" for k, v in model_config.to_dict().items()
@@ -115,9 +130,18 @@ class Run:
             raise TrainError(f"cannot resume {self.out}: the data directory was made with a different tokenizer")
         if state["optimizer"] != self.cfg.optimizer:
             raise TrainError(f"cannot resume {self.out} with optimizer {self.cfg.optimizer}: the run used {state['optimizer']}")
-        self.model.load_state_dict(checkpoint.load_model(self.out, self.device).state_dict())
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        was_sharded = state.get("sharded", False)
+        if was_sharded != (self.cfg.strategy == "fsdp"):
+            raise TrainError(f"cannot resume {self.out} with strategy {self.cfg.strategy}: the run used "
+                             f"{'fsdp' if was_sharded else 'ddp or one process'}")
+
+    def restore(self, path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        if self.sharded:
+            distributed.load_sharded(self.out, self.model, self.optimizers)
+        else:
+            for opt, sd in zip(self.optimizers, state["optimizers"]):
+                opt.load_state_dict(sd)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.data_rng.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -125,21 +149,28 @@ class Run:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
     def save(self) -> None:
+        full = distributed.save_sharded(self.out, self.model, self.optimizers, self.dist) if self.sharded else None
+        if not self.dist.main:
+            distributed.barrier(self.dist)
+            return
         state = {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "optimizer": self.cfg.optimizer,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "sharded": self.sharded, "world": self.dist.world,
+            "optimizers": None if self.sharded else [opt.state_dict() for opt in self.optimizers],
             "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "data_tokenizer": self.train_data.tokenizer_sha256(),
             "recipe": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
         }
-        files = checkpoint.model_files(self.model, self.tokenizer)
+        files = checkpoint.model_files(self.model, self.tokenizer, state_dict=full)
         files[STATE_FILE] = lambda p: torch.save(state, p)
         try:
             checkpoint.write_atomically(self.out, files)
         except OSError as e:
             raise TrainError(f"could not write the checkpoint ({e.strerror or e}); the previous one in "
                              f"{self.out} is intact") from None
+        finally:
+            distributed.barrier(self.dist)
 
     def progress(self) -> float:
         """Fraction of the run done, by whichever limit binds first."""
@@ -151,17 +182,26 @@ class Run:
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Train as the recipe says; returns the final metrics. The run directory is a checkpoint directory."""
+    """Train as the recipe says; returns the final metrics. The run directory is a checkpoint directory.
+    Under torchrun every rank calls this; only rank 0 writes logs, plots and single-file checkpoints."""
+    try:
+        return _train(cfg, resume, quiet)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
     run = Run(cfg, resume)
-    model, device = run.model, run.device
-    compiled = torch.compile(model) if cfg.compile else model
+    model, device, main = run.model, run.device, run.dist.main
+    quiet = quiet or not main
+    compiled = torch.compile(run.wrapped) if cfg.compile else run.wrapped
     use_bf16 = cfg.dtype == "bf16"
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    log = MetricsLog(run.out / "metrics.jsonl", truncate_after=run.step if resume else 0)
-    tokens_per_step = cfg.batch_size * run.block * run.grad_accum
+    log = MetricsLog(run.out / "metrics.jsonl", truncate_after=run.step if resume else 0) if main else None
+    tokens_per_step = cfg.batch_size * run.block * run.grad_accum  # global: all ranks
     flops_per_step = model.flops_per_token(run.block) * tokens_per_step
     peak = peak_flops(device)
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet or None,
@@ -176,13 +216,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
         loss_sum = torch.zeros((), device=device)
-        for _ in range(run.grad_accum):
-            x, y = run.train_data.batch(cfg.batch_size, run.block, run.data_rng)
+        for micro in range(run.grad_accum):
+            x, y = run.train_data.batch(cfg.batch_size, run.block, run.data_rng, run.rows)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = compiled(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            (loss / run.grad_accum).backward()
+            with distributed.grad_sync(run.wrapped, micro == run.grad_accum - 1):
+                with autocast():
+                    logits = compiled(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                (loss / run.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -197,24 +238,26 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
         bar.update(1)
         done = run.progress() >= 1
         if run.step % cfg.log_interval == 0 or done:
-            loss_value = loss_sum.item() / run.grad_accum  # the only host sync per log interval
+            loss_value = distributed.mean_across_ranks(loss_sum, run.dist).item() / run.grad_accum  # the one sync
             now = time.perf_counter()
-            tok_s = window_steps * tokens_per_step / (now - window_t)
+            tok_s = window_steps * tokens_per_step / (now - window_t)  # all ranks together
             record = {"step": run.step, "loss": round(loss_value, 6), "lr": run.optimizers[0].param_groups[0]["lr"], "tokens": run.tokens,
                       "tokens_per_s": round(tok_s, 1), "elapsed_s": round(run.elapsed, 2)}
             if peak:
                 record["mfu"] = round(flops_per_step * window_steps / (now - window_t) / peak, 4)
-            log.write(record)
+            if main:
+                log.write(record)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
             window_t, window_steps = time.perf_counter(), 0
         if run.step % cfg.eval_interval == 0 or done:
             t_eval = time.perf_counter()
             val_loss = evaluate_loss(model, run.val_data, run.block, cfg.batch_size, device, autocast, cfg.eval_tokens)
-            log.write({"step": run.step, "val_loss": round(val_loss, 6), "elapsed_s": round(run.elapsed, 2)})
+            if main:
+                log.write({"step": run.step, "val_loss": round(val_loss, 6), "elapsed_s": round(run.elapsed, 2)})
+                plot_losses(log.path, run.out / "loss.png")
             if not quiet:
                 bar.write(f"step {run.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            plot_losses(log.path, run.out / "loss.png")
             window_t += time.perf_counter() - t_eval  # keep evaluation out of tokens/s
         if run.step % cfg.ckpt_interval == 0 or done:
             t_ckpt = time.perf_counter()

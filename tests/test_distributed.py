@@ -1,0 +1,76 @@
+"""torchrun on CPU with Gloo, 2 processes: DDP and FSDP2 equal one process; FSDP checkpoints reshard."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gptkit import checkpoint
+from gptkit.data import prepare, read_sources
+
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+COMMON = ["--preset", "tiny-gpt2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.context=32",
+          "batch_size=4", "log_interval=1", "eval_interval=3", "ckpt_interval=3", "warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 300)
+    prepare(read_sources(texts=[str(d / "t.txt")]), d / "data", tokenizer="char")
+    return d / "data"
+
+
+def gptkit_train(out, data, *args, procs=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [TORCHRUN, "--nproc-per-node", str(procs), "-m"] if procs > 1 else [sys.executable, "-m"]
+    r = subprocess.run([*launcher, "gptkit", "train", "--data", str(data), "--out", str(out), *COMMON, *args],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def losses(run) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_ddp_and_fsdp_match_one_process(data, tmp_path):
+    gptkit_train(tmp_path / "one", data, "--max-steps", "6")
+    gptkit_train(tmp_path / "ddp", data, "--max-steps", "6", procs=2)
+    gptkit_train(tmp_path / "fsdp", data, "--max-steps", "6", "strategy=fsdp", procs=2)
+    one = losses(tmp_path / "one")
+    assert len(one) == 6
+    for other in ("ddp", "fsdp"):
+        for (s1, a), (s2, b) in zip(one, losses(tmp_path / other), strict=True):
+            assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
+    assert (tmp_path / "fsdp" / "dcp").is_dir()
+    checkpoint.load_model(tmp_path / "fsdp")  # the single-file export loads in one process
+
+
+def test_fsdp_checkpoint_resumes_in_one_and_two_processes(data, tmp_path):
+    gptkit_train(tmp_path / "base", data, "--max-steps", "3", "strategy=fsdp", procs=2)
+    for procs in (1, 2):
+        shutil.copytree(tmp_path / "base", tmp_path / f"r{procs}")
+        gptkit_train(tmp_path / f"r{procs}", data, "--max-steps", "6", "--resume", "strategy=fsdp", procs=procs)
+    a, b = losses(tmp_path / "r1"), losses(tmp_path / "r2")
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6] == [s for s, _ in b]
+    assert a[:3] == losses(tmp_path / "base")
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_bad_distributed_settings(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "-m", "gptkit", "train", "--data", str(data), "--out",
+                        str(tmp_path / "x"), *COMMON, "--max-steps", "2", "batch_size=3"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "not divisible by the world size 2" in r.stderr
+    gptkit_train(tmp_path / "ddp", data, "--max-steps", "3", procs=2)
+    r = subprocess.run([sys.executable, "-m", "gptkit", "train", "--data", str(data), "--out", str(tmp_path / "ddp"),
+                        *COMMON, "--max-steps", "6", "--resume", "strategy=fsdp"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1 and "with strategy fsdp" in r.stderr
