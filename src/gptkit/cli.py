@@ -119,6 +119,47 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
+TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),
+              "choice": ("context", "option")}
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import FinetuneConfig, finetune, load_examples
+
+    train = load_examples(args.train, args.task, skip_bad=args.skip_bad)
+    val = load_examples(args.val, args.task, skip_bad=args.skip_bad) if args.val else None
+    if val is None:  # hold out a tenth of the training examples
+        cut = max(1, len(train) // 10)
+        train, val = train[cut:], train[:cut]
+    cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         lm_weight=args.lm_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                         lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience,
+                         device=args.device)
+    result = finetune(args.base, train, val, args.out, cfg)
+    print(f"best val accuracy {result['val_accuracy']:.4f}; trained {result['trainable_params']:,} of "
+          f"{result['total_params']:,} parameters; saved in {args.out}")
+
+
+def cmd_classify(args) -> None:
+    from .finetune import load_task, predict
+
+    model, tokenizer = load_task(args.checkpoint)
+    task = model.spec.task
+    fields = {"options" if k == "option" else k: getattr(args, k) for k in TASK_FLAGS[task]}
+    if any(v in (None, []) for v in fields.values()):
+        raise ValueError(f"a {task} model needs " + " ".join(f"--{k.replace('_', '-')}" for k in TASK_FLAGS[task]))
+    label, probs = predict(model, tokenizer, fields)
+    print(f"label: {label}")
+    for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
+        print(f"  {name}: {p:.4f}")
+
+
+def cmd_merge(args) -> None:
+    from .finetune import merge
+
+    print(f"wrote {merge(args.adapter, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("finetune", help="fine-tune a checkpoint for a task (GPT-1 heads, LoRA)")
+    s.add_argument("base", help="pre-trained checkpoint directory")
+    s.add_argument("--task", required=True, choices=list(TASK_FLAGS))
+    s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples")
+    s.add_argument("--val", help="validation file (default: a tenth of --train)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--lm-weight", type=float, default=0.5, help="auxiliary LM loss weight (GPT-1: 0.5)")
+    s.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of all weights")
+    s.add_argument("--lora-alpha", type=float, default=16.0)
+    s.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.fc,mlp.proj")
+    s.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
+    s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("classify", help="label a text with a fine-tuned task model")
+    s.add_argument("checkpoint")
+    for name in ("text", "premise", "hypothesis", "text_a", "text_b", "context"):
+        s.add_argument("--" + name.replace("_", "-"), dest=name)
+    s.add_argument("--option", action="append", default=[], help="a choice option (repeat)")
+    s.set_defaults(func=cmd_classify)
+
+    s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain task checkpoint")
+    s.add_argument("adapter")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
     s.add_argument("checkpoint")

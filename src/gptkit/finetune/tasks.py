@@ -1,0 +1,270 @@
+"""GPT-1's task fine-tuning: input transformations, a linear head on the extract token, auxiliary LM loss.
+
+  classify: <start> text <extract>                       entail: <start> premise <delim> hypothesis <extract>
+  similar:  both orders of <start> a <delim> b <extract>, hidden states summed
+  choice:   <start> context <delim> option <extract> per option, one shared scalar head, softmax over options
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .. import checkpoint
+from ..model import GPT
+from ..tokenizer import Tokenizer
+from .data import Example
+from .lora import apply_lora, lora_state, merge_lora
+
+SPECIAL = ("<|start|>", "<|delim|>", "<|extract|>")
+TASK_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META = "task.json", "head.safetensors", "adapter.safetensors", "adapter.json"
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning settings or inputs that cannot work."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str
+    labels: tuple[str, ...] = ()  # class names in head order (empty for choice)
+
+    @property
+    def outputs(self) -> int:
+        return 1 if self.task == "choice" else len(self.labels)
+
+
+class TaskModel(nn.Module):
+    def __init__(self, gpt: GPT, spec: TaskSpec):
+        super().__init__()
+        self.gpt, self.spec = gpt, spec
+        self.head = nn.Linear(gpt.config.n_embd, spec.outputs, device=gpt.wte.weight.device)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: list[list[list[int]]]) -> tuple[Tensor, Tensor]:
+        """Task logits [B, classes or options] and the LM loss over all input tokens."""
+        seqs = [s for example in batch for s in example]
+        device = self.gpt.wte.weight.device
+        T = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        h = self.gpt.hidden_states(ids)  # right padding: a causal model's real positions never see it
+        feats = h[torch.arange(len(seqs), device=device), lengths - 1]
+        targets = ids[:, 1:].masked_fill(torch.arange(1, T, device=device)[None] >= lengths[:, None], -100)
+        lm_loss = F.cross_entropy(self.gpt.logits(h[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+        counts = [len(example) for example in batch]
+        if self.spec.task == "similar":  # both orders, summed
+            return self.head(feats.view(len(batch), 2, -1).sum(1)), lm_loss
+        if self.spec.task == "choice":
+            scores = self.head(feats).squeeze(-1).split(counts)
+            k = max(counts)
+            return torch.stack([F.pad(s, (0, k - len(s)), value=-math.inf) for s in scores]), lm_loss
+        return self.head(feats), lm_loss
+
+
+def add_task_tokens(gpt: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer, int]:
+    """Append <start>, <delim>, <extract> to the vocabulary; new embedding rows start at N(0, 0.02).
+    Returns the model, the tokenizer and the first new row (earlier rows are the pre-trained ones)."""
+    tokenizer = tokenizer.add_special_tokens(SPECIAL)
+    old = gpt.config.vocab_size
+    if tokenizer.vocab_size > old:
+        grown = GPT(gpt.config.replace(vocab_size=tokenizer.vocab_size)).to(gpt.wte.weight.device)
+        state = gpt.state_dict()
+        for name in ("wte.weight", "lm_head.weight"):
+            if name in state:
+                rows = grown.state_dict()[name].clone()
+                rows[:old] = state[name]
+                state[name] = rows
+        grown.load_state_dict(state)
+        gpt = grown
+    return gpt, tokenizer, old
+
+
+def encode(tokenizer: Tokenizer, spec: TaskSpec, fields: dict, context: int) -> list[list[int]]:
+    s, d, x = (tokenizer.special[t] for t in SPECIAL)
+
+    def fit(first: list[int], rest: list[int]) -> list[int]:
+        room = context - len(rest) - 2
+        return [s] + first[-room:] + rest + [x] if room > 0 else [s] + rest[-(context - 2):] + [x]
+
+    enc = tokenizer.encode
+    if spec.task == "classify":
+        return [fit(enc(fields["text"]), [])]
+    if spec.task == "entail":
+        return [fit(enc(fields["premise"]), [d] + enc(fields["hypothesis"]))]
+    if spec.task == "similar":
+        a, b = enc(fields["text_a"]), enc(fields["text_b"])
+        return [fit(a, [d] + b), fit(b, [d] + a)]
+    return [fit(enc(fields["context"]), [d] + enc(o)) for o in fields["options"]]
+
+
+def label_index(spec: TaskSpec, example: Example) -> int:
+    if spec.task == "choice":
+        return int(example.label)
+    if example.label not in spec.labels:
+        raise FinetuneError(f"label {example.label!r} is not one of the trained labels: {', '.join(spec.labels)}")
+    return spec.labels.index(example.label)
+
+
+@torch.no_grad()
+def accuracy(model: TaskModel, tokenizer: Tokenizer, examples: list[Example], batch_size: int = 32) -> float:
+    model.eval()
+    right = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        logits, _ = model([encode(tokenizer, model.spec, e.fields, model.gpt.config.context) for e in chunk])
+        right += sum(int(p) == label_index(model.spec, e) for p, e in zip(logits.argmax(-1).tolist(), chunk))
+    model.train()
+    return right / len(examples)
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classify"
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lm_weight: float = 0.5  # GPT-1's auxiliary language-modelling loss
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    patience: int = 2  # epochs without a better validation accuracy before stopping
+    from_scratch: bool = False  # re-initialise the base weights (a baseline)
+    seed: int = 0
+    device: str = "cpu"
+
+
+def finetune(base: str | Path, train: list[Example], val: list[Example], out: str | Path,
+             cfg: FinetuneConfig, quiet: bool = False) -> dict:
+    """Fine-tune the checkpoint `base` for a task; keep the best validation epoch in `out`."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gpt = checkpoint.load_model(base, cfg.device).train()
+    tokenizer = checkpoint.load_tokenizer(base)
+    if tokenizer is None:
+        raise FinetuneError(f"{base} has no tokenizer")
+    if cfg.from_scratch:
+        gpt.init_weights(cfg.seed)
+    gpt, tokenizer, first_new = add_task_tokens(gpt, tokenizer)
+    labels = () if cfg.task == "choice" else tuple(sorted({e.label for e in train}))
+    spec = TaskSpec(cfg.task, labels)
+    if cfg.task != "choice" and len(labels) < 2:
+        raise FinetuneError("the training data has fewer than two labels")
+    model = TaskModel(gpt, spec)
+    if cfg.lora_rank:
+        apply_lora(gpt, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+        wte = gpt.wte.weight
+        wte.requires_grad_(True)  # only the new task tokens' rows learn
+        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable) - (first_new * gpt.config.n_embd if cfg.lora_rank else 0)
+    decay = [p for p in trainable if p.dim() == 2 and not (cfg.lora_rank and p is gpt.wte.weight)]
+    rest = [p for p in trainable if not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=cfg.lr)
+    ctx = gpt.config.context
+    encoded = [(encode(tokenizer, spec, e.fields, ctx), label_index(spec, e)) for e in train]
+    steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 50)) *
+                                                 max(0.0, 1 - s / steps))
+    best, best_state, history, stale = -1.0, None, [], 0
+    for epoch in range(cfg.epochs):
+        rng.shuffle(encoded)
+        for i in range(0, len(encoded), cfg.batch_size):
+            chunk = encoded[i:i + cfg.batch_size]
+            logits, lm_loss = model([seqs for seqs, _ in chunk])
+            loss = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
+            (loss + cfg.lm_weight * lm_loss).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            schedule.step()
+            opt.zero_grad(set_to_none=True)
+        acc = accuracy(model, tokenizer, val)
+        history.append({"epoch": epoch + 1, "val_accuracy": acc, "train_loss": loss.item()})
+        if not quiet:
+            print(f"epoch {epoch + 1}: val accuracy {acc:.4f}")
+        if acc > best:
+            best, stale = acc, 0
+            best_state = copy.deepcopy({k: v for k, v in model.state_dict().items()})
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    save_task(model, tokenizer, Path(out), base=Path(base), lora=cfg if cfg.lora_rank else None, first_new=first_new)
+    return {"val_accuracy": best, "epochs": history, "trainable_params": n_trainable,
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | None = None,
+              lora: FinetuneConfig | None = None, first_new: int = 0) -> None:
+    task = json.dumps({"task": model.spec.task, "labels": list(model.spec.labels)}) + "\n"
+    head = {f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}
+    if lora is None:
+        checkpoint.save(out, model.gpt, tokenizer, extra={
+            TASK_FILE: checkpoint.text_writer(task), HEAD_FILE: lambda p: save_file(head, str(p))})
+        return
+    adapter = {**{f"gpt.{k}": v.contiguous() for k, v in lora_state(model.gpt).items()}, **head,
+               "task_token_rows": model.gpt.wte.weight[first_new:].detach().contiguous()}
+    meta = {"base": str(base.resolve()), "rank": lora.lora_rank, "alpha": lora.lora_alpha,
+            "targets": list(lora.lora_targets), "first_task_token": first_new}
+    name, text = tokenizer.to_json()
+    checkpoint.write_atomically(out, {
+        ADAPTER_FILE: lambda p: save_file(adapter, str(p)), ADAPTER_META: checkpoint.text_writer(json.dumps(meta)),
+        TASK_FILE: checkpoint.text_writer(task), name: checkpoint.text_writer(text)})
+
+
+def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
+    """A fine-tuned task model: a full checkpoint with task.json, or a LoRA adapter directory."""
+    path = Path(path)
+    if not (path / TASK_FILE).exists():
+        raise FinetuneError(f"{path} is not a fine-tuned task model (no {TASK_FILE})")
+    d = json.loads((path / TASK_FILE).read_text())
+    spec = TaskSpec(d["task"], tuple(d["labels"]))
+    tokenizer = Tokenizer.load(path)
+    if (path / ADAPTER_META).exists():
+        meta = json.loads((path / ADAPTER_META).read_text())
+        gpt = checkpoint.load_model(meta["base"], device)
+        gpt, _, _ = add_task_tokens(gpt, checkpoint.load_tokenizer(meta["base"]))
+        apply_lora(gpt, tuple(meta["targets"]), meta["rank"], meta["alpha"])
+        weights = load_file(str(path / ADAPTER_FILE), device=device)
+        with torch.no_grad():
+            gpt.wte.weight[meta["first_task_token"]:] = weights.pop("task_token_rows")
+    else:
+        gpt = checkpoint.load_model(path, device)
+        weights = load_file(str(path / HEAD_FILE), device=device)
+    model = TaskModel(gpt, spec)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(k.startswith("head.") or ".lora_" in k for k in missing):
+        raise FinetuneError(f"{path}: task weights do not match the model")
+    return model.eval(), tokenizer
+
+
+def merge(adapter_dir: str | Path, out: str | Path) -> Path:
+    """A LoRA adapter folded into its base: a plain task checkpoint."""
+    model, tokenizer = load_task(adapter_dir)
+    merge_lora(model.gpt)
+    save_task(model, tokenizer, Path(out))
+    return Path(out)
+
+
+@torch.no_grad()
+def predict(model: TaskModel, tokenizer: Tokenizer, fields: dict) -> tuple[str, dict[str, float]]:
+    """(predicted label, probability of each label or option)."""
+    logits, _ = model([encode(tokenizer, model.spec, fields, model.gpt.config.context)])
+    probs = logits[0].softmax(-1).tolist()
+    names = model.spec.labels or tuple(str(i) for i in range(len(probs)))
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return names[best], dict(zip(names, probs))
+

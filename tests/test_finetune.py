@@ -1,0 +1,140 @@
+"""Fine-tuning proof on CPU: sentiment with negations, where pre-training matters and LoRA nearly matches."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from gptkit.cli import main
+from gptkit.data import prepare, read_sources
+from gptkit.finetune import (FinetuneConfig, LoRAError, TaskDataError, apply_lora, finetune, load_examples,
+                             load_task, merge, predict)
+from gptkit.train import load_recipe, train
+
+POS = ["good", "great", "wonderful", "fun", "moving", "brilliant", "charming", "superb"]
+NEG = ["bad", "boring", "awful", "dull", "weak", "terrible", "tedious", "clumsy"]
+NOUNS = ["movie", "film", "story", "plot", "cast", "script", "ending", "show"]
+
+
+def unlabelled(rng):
+    """Raw text where polarity shows only through what people say next ("loved" / "hated")."""
+    pos, neg = rng.random() < 0.5, rng.random() < 0.4
+    a, n, v = rng.choice(POS if pos else NEG), rng.choice(NOUNS), "loved" if pos != neg else "hated"
+    if neg:
+        return rng.choice(["the {n} was not {a} so i {v} it", "the {n} was not {a} and i {v} it"]).format(n=n, a=a, v=v)
+    return rng.choice(["the {n} was {a} and i {v} it", "i {v} the {a} {n}", "what a {a} {n} , i {v} it",
+                       "everyone {v} this {a} {n}"]).format(n=n, a=a, v=v)
+
+
+def labelled(rng):
+    """A review and its sentiment; half are negated, so the words alone do not decide the label."""
+    pos, neg = rng.random() < 0.5, rng.random() < 0.5
+    a, n = rng.choice(POS if pos else NEG), rng.choice(NOUNS)
+    t = rng.choice(["the {n} was not {a}", "this {n} is not {a}", "not a {a} {n} at all"]) if neg else \
+        rng.choice(["the {n} was {a}", "this {n} is {a}", "a {a} {n} overall"])
+    return {"text": t.format(n=n, a=a), "label": "positive" if pos != neg else "negative"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    rng = random.Random(0)
+    (d / "raw.txt").write_text("\n".join(unlabelled(rng) for _ in range(4000)))
+    for name, n in (("train", 300), ("val", 300)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(labelled(rng)) + "\n" for _ in range(n)))
+    prepare(read_sources(texts=[str(d / "raw.txt")]), d / "data", tokenizer="bpe", vocab_size=320)
+    cfg = load_recipe(None, ["model={n_layer=2,n_head=2,n_embd=64,context=64}", "batch_size=16", "lr=3e-3",
+                             "warmup_steps=20", "eval_interval=1000", "ckpt_interval=1000", "log_interval=100"],
+                      preset="tiny-gpt2", data=str(d / "data"), out=str(d / "base"), max_steps=800)
+    train(cfg, quiet=True)
+    return d
+
+
+def run(world, name, **kw):
+    cfg = FinetuneConfig(**{"epochs": 30, "lr": 3e-4, "batch_size": 32, "patience": 30, **kw})
+    train_set = load_examples(world / "train.jsonl", "classify")
+    val_set = load_examples(world / "val.jsonl", "classify")
+    return finetune(world / "base", train_set, val_set, world / name, cfg, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def results(world):
+    return {"full": run(world, "full"), "scratch": run(world, "scratch", from_scratch=True),
+            "lora": run(world, "lora", lora_rank=4, lora_targets=("attn.qkv", "attn.proj"), lr=3e-3)}
+
+
+def test_bag_of_words_fails_on_negations(world):
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    rows = {s: [json.loads(line) for line in (world / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "val")}
+    vec = CountVectorizer().fit([r["text"] for r in rows["train"]])
+    clf = LogisticRegression(max_iter=1000).fit(vec.transform([r["text"] for r in rows["train"]]),
+                                                [r["label"] for r in rows["train"]])
+    assert clf.score(vec.transform([r["text"] for r in rows["val"]]), [r["label"] for r in rows["val"]]) < 0.8
+
+
+def test_pretrained_fine_tuning_reaches_90_percent_and_beats_scratch(results):
+    assert results["full"]["val_accuracy"] >= 0.90
+    assert results["scratch"]["val_accuracy"] <= results["full"]["val_accuracy"] - 0.15
+
+
+def test_lora_nearly_matches_full_fine_tuning_with_few_parameters(results):
+    lora = results["lora"]
+    assert lora["val_accuracy"] >= results["full"]["val_accuracy"] - 0.08
+    assert lora["trainable_params"] < 0.05 * lora["total_params"]
+
+
+def test_saved_models_classify_and_adapters_merge(world, results, tmp_path):
+    model, tok = load_task(world / "full")
+    label, probs = predict(model, tok, {"text": "the film was not dull"})
+    assert set(probs) == {"negative", "positive"} and abs(sum(probs.values()) - 1) < 1e-5
+    adapter, tok = load_task(world / "lora")
+    merge(world / "lora", tmp_path / "merged")
+    merged, tok2 = load_task(tmp_path / "merged")
+    for text in ("the plot was not boring", "a charming cast overall", "this show is weak"):
+        a, b = predict(adapter, tok, {"text": text})[1], predict(merged, tok2, {"text": text})[1]
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_classify_cli(world, results, capsys):
+    assert main(["classify", str(world / "full"), "--text", "the story was superb"]) == 0
+    out = capsys.readouterr().out
+    assert "label:" in out and "positive" in out and "negative" in out
+
+
+def test_entail_similar_choice_train_and_predict(world, tmp_path):
+    rng = random.Random(1)
+    data = {
+        "entail": [{"premise": f"the {n} was {a}", "hypothesis": f"the {n} was {b}", "label": str(a == b)}
+                   for n, a, b in ((rng.choice(NOUNS), rng.choice(POS), rng.choice(POS)) for _ in range(40))],
+        "similar": [{"text_a": f"a {a} {n}", "text_b": f"the {n} was {b}", "label": int(a == b)}
+                    for n, a, b in ((rng.choice(NOUNS), rng.choice(POS), rng.choice(POS)) for _ in range(40))],
+        "choice": [{"context": f"the {n} was", "options": [rng.choice(POS), rng.choice(NEG), "the"], "label": 0}
+                   for n in (rng.choice(NOUNS) for _ in range(40))],
+    }
+    for task, rows in data.items():
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        examples = load_examples(path, task)
+        result = finetune(world / "base", examples, examples, tmp_path / task,
+                          FinetuneConfig(task=task, epochs=2, lr=1e-3), quiet=True)
+        assert 0 <= result["val_accuracy"] <= 1
+        model, tok = load_task(tmp_path / task)
+        label, probs = predict(model, tok, examples[0].fields)
+        assert len(probs) == (3 if task == "choice" else 2)
+
+
+def test_bad_inputs(world, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok", "label": "positive"}\n{broken\n{"text": "x"}\n')
+    with pytest.raises(TaskDataError, match="bad.jsonl:2"):
+        load_examples(tmp_path / "bad.jsonl", "classify")
+    assert len(load_examples(tmp_path / "bad.jsonl", "classify", skip_bad=True)) == 1
+    (tmp_path / "c.jsonl").write_text('{"context": "x", "options": ["a"], "label": 0}\n')
+    with pytest.raises(TaskDataError, match="at least two"):
+        load_examples(tmp_path / "c.jsonl", "choice")
+    from gptkit import GPT, preset
+
+    with pytest.raises(LoRAError, match="match no linear layer"):
+        apply_lora(GPT(preset("tiny-gpt2", vocab_size=10)), ("attn.q_proj",), 4, 8)
