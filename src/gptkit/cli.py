@@ -160,6 +160,53 @@ def cmd_merge(args) -> None:
     print(f"wrote {merge(args.adapter, args.out)}")
 
 
+def cmd_eval(args) -> None:
+    import json
+
+    from . import evaluate as ev
+    from .checkpoint import text_writer, write_atomically
+
+    data = Path(args.data)
+    if not data.exists():
+        raise FileNotFoundError(f"no such file or directory: {data}")
+    if args.task == "classify":
+        from .finetune import load_examples, load_task, predict
+
+        model, tokenizer = load_task(args.checkpoint)
+        examples = load_examples(data, model.spec.task, skip_bad=args.skip_bad)
+        unknown = sorted({e.label for e in examples} - set(model.spec.labels)) if model.spec.labels else []
+        if unknown:
+            raise ValueError(f"{data} has labels the model was not trained on: {', '.join(unknown)}")
+        predicted = [predict(model, tokenizer, e.fields)[0] for e in examples]
+        labels = model.spec.labels or tuple(sorted({e.label for e in examples}))
+        result = ev.classification_report([e.label for e in examples], predicted, labels)
+    else:
+        import gptkit
+
+        lm = gptkit.load(args.checkpoint)
+        model, tokenizer = lm.model, lm.tokenizer
+        if args.task == "ppl":
+            result = (ev.split_perplexity(model, tokenizer, data) if data.is_dir()
+                      else ev.perplexity(model, tokenizer, data.read_text(encoding="utf-8"), args.stride))
+        elif args.task == "choice":
+            result = ev.multiple_choice(model, tokenizer, ev.read_jsonl(data, ("ctx", "endings", "label")))
+        elif args.task == "lambada":
+            result = ev.lambada(model, tokenizer, data.read_text(encoding="utf-8").splitlines())
+        else:
+            rows = ev.read_jsonl(data, ("prompt", "reference"))
+            hyps = [lm.generate(r["prompt"], max_new_tokens=args.max_new_tokens, temperature=0,
+                                stop=("\n",)).strip() for r in rows]
+            result = ev.generation_scores(hyps, [r["reference"] for r in rows])
+    result = {"task": args.task, "data": str(data), **result}
+    width = max(map(len, result))
+    for key, value in result.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:>{width}}  {shown}")
+    out = Path(args.checkpoint) / "eval"
+    write_atomically(out, {f"{args.task}-{data.stem}.json": text_writer(json.dumps(result, indent=1) + "\n")})
+    print(f"written to {out / f'{args.task}-{data.stem}.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("adapter")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("eval", help="measure a checkpoint: ppl, choice, lambada, classify, generate")
+    s.add_argument("checkpoint")
+    s.add_argument("--task", required=True, choices=["ppl", "choice", "lambada", "classify", "generate"])
+    s.add_argument("--data", required=True, help="text file or prepared data dir (ppl), JSONL (choice: ctx, "
+                   "endings, label; generate: prompt, reference), text lines (lambada), labelled file (classify)")
+    s.add_argument("--stride", type=int, help="ppl: sliding-window stride (default: half the context)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per answer")
+    s.add_argument("--skip-bad", action="store_true")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
     s.add_argument("checkpoint")
