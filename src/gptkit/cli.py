@@ -125,9 +125,12 @@ TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "simil
 
 def cmd_finetune(args) -> None:
     from .finetune import FinetuneConfig, finetune, load_examples
+    from .finetune.sft import load_conversations, sft
 
-    train = load_examples(args.train, args.task, skip_bad=args.skip_bad)
-    val = load_examples(args.val, args.task, skip_bad=args.skip_bad) if args.val else None
+    read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
+        (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
+    train = read(args.train)
+    val = read(args.val) if args.val else None
     if val is None:  # hold out a tenth of the training examples
         cut = max(1, len(train) // 10)
         train, val = train[cut:], train[:cut]
@@ -135,6 +138,10 @@ def cmd_finetune(args) -> None:
                          lm_weight=args.lm_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                          lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience,
                          device=args.device)
+    if args.task == "sft":
+        result = sft(args.base, train, val, args.out, cfg)
+        print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
+        return
     result = finetune(args.base, train, val, args.out, cfg)
     print(f"best val accuracy {result['val_accuracy']:.4f}; trained {result['trainable_params']:,} of "
           f"{result['total_params']:,} parameters; saved in {args.out}")
@@ -152,6 +159,41 @@ def cmd_classify(args) -> None:
     print(f"label: {label}")
     for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
         print(f"  {name}: {p:.4f}")
+
+
+def cmd_chat(args) -> None:
+    import gptkit
+
+    from .chat import ChatSession
+
+    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm.model.pack_for_cpu_inference()
+    session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+    print("chat with the model; Ctrl-C stops a reply, Ctrl-D (or /exit) leaves, /reset forgets the conversation")
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            session.reset()
+            continue
+        if not text.strip():
+            continue
+        print("model> ", end="", flush=True)
+        try:
+            for piece in session.send(text):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            session.interrupted()
+            print(" [stopped]", end="")
+        print()
+        if session.dropped:
+            print(f"(the conversation outgrew the context: forgot its {session.dropped} earliest message(s))")
 
 
 def cmd_merge(args) -> None:
@@ -259,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="fine-tune a checkpoint for a task (GPT-1 heads, LoRA)")
     s.add_argument("base", help="pre-trained checkpoint directory")
-    s.add_argument("--task", required=True, choices=list(TASK_FLAGS))
-    s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples")
+    s.add_argument("--task", required=True, choices=[*TASK_FLAGS, "sft"])
+    s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples; sft: JSONL of "
+                   '{"messages": [{"role": ..., "content": ...}]}')
     s.add_argument("--val", help="validation file (default: a tenth of --train)")
     s.add_argument("--out", required=True)
     s.add_argument("--epochs", type=int, default=3)
@@ -281,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--" + name.replace("_", "-"), dest=name)
     s.add_argument("--option", action="append", default=[], help="a choice option (repeat)")
     s.set_defaults(func=cmd_classify)
+
+    s = sub.add_parser("chat", help="talk to a chat model in the terminal")
+    s.add_argument("checkpoint")
+    s.add_argument("--system", help="system message")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain task checkpoint")
     s.add_argument("adapter")

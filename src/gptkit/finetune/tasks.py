@@ -72,10 +72,10 @@ class TaskModel(nn.Module):
         return self.head(feats), lm_loss
 
 
-def add_task_tokens(gpt: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer, int]:
-    """Append <start>, <delim>, <extract> to the vocabulary; new embedding rows start at N(0, 0.02).
-    Returns the model, the tokenizer and the first new row (earlier rows are the pre-trained ones)."""
-    tokenizer = tokenizer.add_special_tokens(SPECIAL)
+def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
+    """Append special `tokens` to the vocabulary; new embedding rows start at N(0, 0.02). Returns the model,
+    the tokenizer and the first new row (earlier rows are the pre-trained ones)."""
+    tokenizer = tokenizer.add_special_tokens(tokens)
     old = gpt.config.vocab_size
     if tokenizer.vocab_size > old:
         grown = GPT(gpt.config.replace(vocab_size=tokenizer.vocab_size)).to(gpt.wte.weight.device)
@@ -86,7 +86,7 @@ def add_task_tokens(gpt: GPT, tokenizer: Tokenizer) -> tuple[GPT, Tokenizer, int
                 rows[:old] = state[name]
                 state[name] = rows
         grown.load_state_dict(state)
-        gpt = grown
+        gpt = grown.train(gpt.training)
     return gpt, tokenizer, old
 
 
@@ -156,7 +156,7 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
         raise FinetuneError(f"{base} has no tokenizer")
     if cfg.from_scratch:
         gpt.init_weights(cfg.seed)
-    gpt, tokenizer, first_new = add_task_tokens(gpt, tokenizer)
+    gpt, tokenizer, first_new = grow_vocab(gpt, tokenizer, SPECIAL)
     labels = () if cfg.task == "choice" else tuple(sorted({e.label for e in train}))
     spec = TaskSpec(cfg.task, labels)
     if cfg.task != "choice" and len(labels) < 2:
@@ -236,7 +236,7 @@ def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokeniz
     if (path / ADAPTER_META).exists():
         meta = json.loads((path / ADAPTER_META).read_text())
         gpt = checkpoint.load_model(meta["base"], device)
-        gpt, _, _ = add_task_tokens(gpt, checkpoint.load_tokenizer(meta["base"]))
+        gpt, _, _ = grow_vocab(gpt, checkpoint.load_tokenizer(meta["base"]), SPECIAL)
         apply_lora(gpt, tuple(meta["targets"]), meta["rank"], meta["alpha"])
         weights = load_file(str(path / ADAPTER_FILE), device=device)
         with torch.no_grad():
