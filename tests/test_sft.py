@@ -60,7 +60,7 @@ def test_chat_keeps_the_conversation_and_drops_old_turns(tuned):
 
 
 def test_loss_only_on_assistant_tokens():
-    tok = Tokenizer.char("abc:\n").add_special_tokens(("<|im_start|>", "<|im_end|>"))
+    tok = Tokenizer.char(string.ascii_lowercase + ":\n").add_special_tokens(("<|im_start|>", "<|im_end|>"))
     ids, mask = encode_conversation(tok, [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}], 64)
     learned = [tok.decode([i]) for i, m in zip(ids, mask) if m]
     assert learned == ["c", "<|im_end|>"]

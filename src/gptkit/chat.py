@@ -30,8 +30,11 @@ class ChatSession:
             ids = self.lm.tokenizer.encode_chat(head + self.messages)
             if len(ids) + self.max_new_tokens <= context or len(self.messages) <= 1:
                 return ids[-(context - self.max_new_tokens):]
-            self.messages.pop(0)
+            self.messages.pop(0)  # forget the oldest exchange: a history starts with the user speaking
             self.dropped += 1
+            while self.messages and self.messages[0]["role"] == "assistant":
+                self.messages.pop(0)
+                self.dropped += 1
 
     def send(self, text: str) -> Iterator[str]:
         """Add the user's message and stream the reply's pieces; the reply joins the history."""
