@@ -91,7 +91,6 @@ def part3() -> list[tuple]:
     base = train_step_rate(hf_step)
     rows.append(("transformers GPT2LMHeadModel fp32", base, 1.0))
     rows.append(("transformers GPT2LMHeadModel bf16 autocast", train_step_rate(lambda: hf_step(True)), None))
-    del hf, hf_opt
     ours = GPT(preset("gpt2")).train()
     cfg = load_recipe(None, [])
     opt = build_optimizers(ours, cfg, torch.device("cpu"))[0]

@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from gptkit.cli import main
 from gptkit.data import prepare, read_sources

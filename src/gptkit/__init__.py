@@ -9,7 +9,7 @@ from .generate import LM, GenerationError, SamplingParams
 from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "SamplingParams", "load",
+__all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "SamplingParams", "load", "checkpoint",
            "CheckpointError", "ConfigError", "GenerationError", "TokenizerError"]
 
 

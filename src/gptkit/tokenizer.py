@@ -6,7 +6,6 @@ Byte-level BPE runs on the `tokenizers` library; tiktoken rank files are convert
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Iterable

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
-from .lora import apply_lora, merge_lora
-from .tasks import FinetuneConfig, FinetuneError, grow_vocab
+from .lora import merge_lora
+from .tasks import FinetuneConfig, FinetuneError, prepare_base
 
 
 def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[dict]]:
@@ -73,17 +73,8 @@ def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: s
         cfg: FinetuneConfig, quiet: bool = False) -> dict:
     """Fine-tune `base` on conversations; the best validation epoch is saved as a plain checkpoint (LoRA
     adapters are merged in, so `gptkit chat` and `gptkit serve` use it as it is)."""
-    torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    gpt = checkpoint.load_model(base, cfg.device).train()
-    tokenizer = checkpoint.load_tokenizer(base)
-    if tokenizer is None:
-        raise FinetuneError(f"{base} has no tokenizer")
-    gpt, tokenizer, first_new = grow_vocab(gpt, tokenizer, CHAT_TOKENS)
-    if cfg.lora_rank:
-        apply_lora(gpt, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
-        gpt.wte.weight.requires_grad_(True)  # the chat tokens' new rows learn
-        gpt.wte.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    gpt, tokenizer, _ = prepare_base(base, cfg, CHAT_TOKENS)
     trainable = [p for p in gpt.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0 if cfg.lora_rank else cfg.weight_decay)
     ctx = gpt.config.context

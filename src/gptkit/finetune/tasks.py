@@ -90,6 +90,25 @@ def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple
     return gpt, tokenizer, old
 
 
+def prepare_base(base: str | Path, cfg: FinetuneConfig, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
+    """The base checkpoint ready to fine-tune: seeded, `tokens` added to its vocabulary, and with LoRA
+    (cfg.lora_rank > 0) only the adapters and the new tokens' embedding rows left trainable."""
+    torch.manual_seed(cfg.seed)
+    gpt = checkpoint.load_model(base, cfg.device).train()
+    tokenizer = checkpoint.load_tokenizer(base)
+    if tokenizer is None:
+        raise FinetuneError(f"{base} has no tokenizer")
+    if cfg.from_scratch:
+        gpt.init_weights(cfg.seed)
+    gpt, tokenizer, first_new = grow_vocab(gpt, tokenizer, tokens)
+    if cfg.lora_rank:
+        apply_lora(gpt, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+        wte = gpt.wte.weight
+        wte.requires_grad_(True)
+        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    return gpt, tokenizer, first_new
+
+
 def encode(tokenizer: Tokenizer, spec: TaskSpec, fields: dict, context: int) -> list[list[int]]:
     s, d, x = (tokenizer.special[t] for t in SPECIAL)
 
@@ -148,25 +167,13 @@ class FinetuneConfig:
 def finetune(base: str | Path, train: list[Example], val: list[Example], out: str | Path,
              cfg: FinetuneConfig, quiet: bool = False) -> dict:
     """Fine-tune the checkpoint `base` for a task; keep the best validation epoch in `out`."""
-    torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    gpt = checkpoint.load_model(base, cfg.device).train()
-    tokenizer = checkpoint.load_tokenizer(base)
-    if tokenizer is None:
-        raise FinetuneError(f"{base} has no tokenizer")
-    if cfg.from_scratch:
-        gpt.init_weights(cfg.seed)
-    gpt, tokenizer, first_new = grow_vocab(gpt, tokenizer, SPECIAL)
     labels = () if cfg.task == "choice" else tuple(sorted({e.label for e in train}))
     spec = TaskSpec(cfg.task, labels)
     if cfg.task != "choice" and len(labels) < 2:
         raise FinetuneError("the training data has fewer than two labels")
+    gpt, tokenizer, first_new = prepare_base(base, cfg, SPECIAL)
     model = TaskModel(gpt, spec)
-    if cfg.lora_rank:
-        apply_lora(gpt, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
-        wte = gpt.wte.weight
-        wte.requires_grad_(True)  # only the new task tokens' rows learn
-        wte.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable) - (first_new * gpt.config.n_embd if cfg.lora_rank else 0)
     decay = [p for p in trainable if p.dim() == 2 and not (cfg.lora_rank and p is gpt.wte.weight)]
