@@ -118,3 +118,8 @@ def test_corrupt_or_missing_tokenizer_file(tmp_path):
 def test_decode_rejects_ids_outside_vocabulary(bpe):
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         bpe.decode([bpe.vocab_size])
+
+
+def test_trained_bpe_merges_whole_words():
+    tok = Tokenizer.train_bpe(["hello world, hello again world " * 200], vocab_size=300)
+    assert [tok.decode([i]) for i in tok.encode("hello world")] == ["hello", " world"]

@@ -53,8 +53,9 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def _byte_level(engine: HFTokenizer, pattern: str) -> HFTokenizer:
-    # tiktoken patterns are written for a regex engine where `$` is end of text; oniguruma's is end of line.
-    pattern = pattern.replace("$", r"\z").replace("}+", "}")
+    # tiktoken patterns are written for a regex engine where `$` is end of text (oniguruma's is end of line)
+    # and `{1,3}+` is possessive (oniguruma reads it as a repeat of a repeat).
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern.replace("$", r"\z"))
     engine.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
