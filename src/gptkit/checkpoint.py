@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, GPTConfig
-from .model import GPT
+from .model import GPT, rope_tables
 from .tokenizer import Tokenizer, TokenizerError
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -105,7 +105,6 @@ def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
     check_state(model, state, path)
     model.load_state_dict(state, assign=True)
     if config.pos == "rope":  # buffers are not saved: rebuild them on the real device
-        from .model import rope_tables
         model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(config))
     return model.eval()
 

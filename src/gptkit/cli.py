@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def cmd_generate(args) -> None:
         for pieces in lm.stream_batch([prompt], params):
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
-        params = params.__class__(**{**params.__dict__, "seed": None if params.seed is None else params.seed + 1})
+        params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + 1)
     print()
 
 
