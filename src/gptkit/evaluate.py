@@ -126,8 +126,11 @@ def classification_report(gold: list[str], predicted: list[str], labels: tuple[s
 
 def generation_scores(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU (sacrebleu) and mean ROUGE-L F1 (rouge-score)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise EvalError("generation metrics need `pip install 'gptkit[eval]'` (sacrebleu, rouge-score)") from None
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
