@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except ImportError as e:  # an optional extra that is not installed
+        print(f"gptkit: error: {e.name or e} is not installed; pip install 'gptkit[hf,serve,eval]'", file=sys.stderr)
+        return 1
     except (ValueError, OSError, RuntimeError) as e:  # our errors subclass ValueError; files raise OSError
         if os.environ.get("GPTKIT_DEBUG"):
             raise
