@@ -73,7 +73,7 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return logits.scatter(1, seen, score)
 
 
-def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
+def check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
     context = model.config.context
     if prompt_len + max_new_tokens > context:
         raise GenerationError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} exceeds the "
@@ -89,7 +89,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams,
     if min(lengths) == 0:
         raise GenerationError("empty prompt: give at least one token")
     L, B = max(lengths), len(prompts)
-    _check_fits(model, L, params.max_new_tokens)
+    check_fits(model, L, params.max_new_tokens)
     device = model.wte.weight.device
     # Left padding: pad slots repeat the row's first token (harmless for the repetition penalty's gather).
     idx = torch.tensor([[p[0]] * (L - len(p)) + p for p in prompts], device=device)
@@ -116,7 +116,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams,
 def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: int, eot_id: int | None = None,
                 length_penalty: float = 1.0) -> list[int]:
     """The highest-scoring continuation (sum of log-probs / length ** length_penalty)."""
-    _check_fits(model, len(prompt), max_new_tokens)
+    check_fits(model, len(prompt), max_new_tokens)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
     logp = model(torch.tensor([prompt], device=model.wte.weight.device), cache, last_only=True)[:, -1].log_softmax(-1)
     cache.advance(len(prompt))

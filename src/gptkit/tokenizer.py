@@ -41,7 +41,7 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Recover the merge list of a tiktoken vocabulary: each multi-byte token is the merge of the two
     parts that BPE, restricted to lower ranks, leaves it in."""
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+    for token in sorted(ranks, key=ranks.__getitem__):
         if len(token) < 2:
             continue
         parts = [token[i:i + 1] for i in range(len(token))]

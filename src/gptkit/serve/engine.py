@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import Detokenizer, GenerationError, SamplingParams, sample
+from ..generate import Detokenizer, SamplingParams, check_fits, sample
 from ..model import GPT
 from ..tokenizer import Tokenizer
 
@@ -49,10 +49,7 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> Request:
-        context = self.model.config.context
-        if len(request.prompt) + request.params.max_new_tokens > context:
-            raise GenerationError(f"prompt of {len(request.prompt)} tokens + max_tokens "
-                                  f"{request.params.max_new_tokens} exceeds the model's context of {context}")
+        check_fits(self.model, len(request.prompt), request.params.max_new_tokens)
         self.pending.put(request)
         return request
 
