@@ -2,7 +2,7 @@
 
     python benchmarks/decode.py [--new-tokens 128] [--prompt-tokens 32] [--repeats 3]
 
-Batch 1, greedy, fp32. Prints tokens/s for both and the ratio (best of --repeats runs each).
+Batch 1, greedy, fp32. Prints tokens/s for both and the ratio (best of --repeats interleaved runs each).
 """
 
 import argparse
@@ -16,21 +16,25 @@ import gptkit.hf
 from gptkit.generate import SamplingParams, generate_ids
 
 
-def best_rate(run, new_tokens: int, repeats: int) -> float:
-    run()  # warm-up
-    times = []
+def best_rates(runs: dict, new_tokens: int, repeats: int) -> dict:
+    """Best tokens/s of each run, the runs interleaved so that both see the same machine (its memory
+    bandwidth drifts by tens of percent from minute to minute)."""
+    times = {name: [] for name in runs}
+    for name, run in runs.items():
+        run()  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return new_tokens / min(times)
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    return {name: new_tokens / min(ts) for name, ts in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()  # 124M, random weights
@@ -50,8 +54,8 @@ def main():
         return [int(t) for t in generate_ids(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=n, temperature=0))]
 
     same = run_hf() == run_ours()
-    rate_hf = best_rate(run_hf, n, args.repeats)
-    rate_ours = best_rate(run_ours, n, args.repeats)
+    rates = best_rates({"transformers": run_hf, "gptkit": run_ours}, n, args.repeats)
+    rate_hf, rate_ours = rates["transformers"], rates["gptkit"]
     print(f"GPT-2 124M fp32, CPU ({torch.get_num_threads()} threads), batch 1, {args.prompt_tokens}-token prompt, "
           f"{n} new tokens, greedy; same tokens: {same}")
     print(f"| {'':14} | {'tokens/s':>9} | {'vs transformers':>15} |")

@@ -66,9 +66,18 @@ def test_packed_inference_matches_plain_linear():
     with torch.no_grad():
         before = model(ids)
         keys = set(model.state_dict())
+        step_before = _decode_step(model, ids)
         model.pack_for_cpu_inference()
-        torch.testing.assert_close(model(ids), before, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids), before, atol=1e-4, rtol=1e-4)  # many rows: oneDNN
+        torch.testing.assert_close(_decode_step(model, ids), step_before, atol=1e-4, rtol=1e-4)  # few: gemv.c
     assert set(model.state_dict()) == keys
+
+
+def _decode_step(model, ids):
+    cache = model.new_cache(ids.shape[0])
+    model(ids, cache)
+    cache.advance(ids.shape[1])
+    return model(ids[:, -1:], cache)
 
 
 def test_init_scales_residual_projections():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import GPTConfig
 
 
@@ -170,16 +171,22 @@ class Block(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """Inference-only linear layer on oneDNN's prepacked weight layout: on CPU its matrix-vector products run
-    at two to three times the memory bandwidth of the BLAS path, which is what bounds decoding speed."""
+    """Inference-only CPU linear layer for decoding, whose speed is the speed at which weights stream from memory.
+    A few fp32 rows go through gptkit's native skinny kernel (kernels/gemv.c); everything else, and machines
+    without a C compiler, through oneDNN's prepacked weight layout. Both stream weights two to three times
+    faster than the BLAS matrix-vector path."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
+        self.weight = weight
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), persistent=False)
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = kernels.skinny_linear(x, self.weight, self.bias)
+        if y is None:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y
 
 
 class GPT(nn.Module):
@@ -278,10 +285,9 @@ class GPT(nn.Module):
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear) and not isinstance(child, PackedLinear):
-                    packed = PackedLinear(child.weight, child.bias)
-                    packed.weight = child.weight  # keep the parameter (and the state dict's key)
-                    setattr(module, name, packed)
-        self.packed_head = PackedLinear(w if self.lm_head is None else self.lm_head.weight, None)
+                    setattr(module, name, PackedLinear(child.weight, child.bias))  # same parameters and keys
+        # a detached view: the head must not add a key to the state dict
+        self.packed_head = PackedLinear((w if self.lm_head is None else self.lm_head.weight).detach(), None)
         return self
 
     def forward(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None,

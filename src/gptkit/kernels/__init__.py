@@ -1,0 +1,86 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler and cached.
+
+Only one for now: the skinny fp32 linear that bounds decoding speed (see gemv.c). Where no C compiler or
+OpenMP is available the loader returns None and callers keep their PyTorch path, so nothing depends on it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 16  # beyond this many rows a blocked GEMM reuses weights better than streaming them per row
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on, so a cache shared between different CPUs never runs the wrong code."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def _build(compiler: str, out: Path) -> None:
+    """Compile to a temporary file and rename it into place, so a half-written library is never loaded."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library():
+    compiler = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if os.environ.get("GPTKIT_NO_KERNELS") or not shutil.which(compiler):
+        return None
+    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + compiler + _cpu_signature()).encode()).hexdigest()
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptkit" / "kernels" / f"gemv-{key[:16]}.so"
+    try:
+        if not path.exists():
+            _build(compiler, path)
+        # torch is already loaded, so the library's OpenMP calls bind to torch's own runtime and thread pool.
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = lib.skinny_linear_f32
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    return fn
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """F.linear(x, weight, bias) for a few fp32 CPU rows, streaming the weights once; None where not applicable."""
+    fn = _library()
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (fn is None or not 0 < rows <= MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu" or not weight.is_contiguous() or torch.is_grad_enabled() and weight.requires_grad
+            or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
+        return None
+    x = x.contiguous()
+    N, K = weight.shape
+    y = torch.empty(*x.shape[:-1], N)
+    fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, N, K)
+    return y

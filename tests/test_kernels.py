@@ -1,0 +1,39 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit import kernels
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler with OpenMP on this machine")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("K", [64, 100, 768])  # 100: a tail after the vector loop
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_linear_equals_torch_linear(rows, K, bias):
+    torch.manual_seed(rows + K)
+    x, w = torch.randn(rows, 1, K), torch.randn(257, K)
+    b = torch.randn(257) if bias else None
+    with torch.inference_mode():
+        y = kernels.skinny_linear(x, w, b)
+    assert y.shape == (rows, 1, 257)
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_skinny_linear_declines_what_it_does_not_cover():
+    w = torch.randn(8, 16)
+    with torch.inference_mode():
+        assert kernels.skinny_linear(torch.randn(17, 16), w, None) is None  # too many rows: GEMM is better
+        assert kernels.skinny_linear(torch.randn(1, 16).bfloat16(), w.bfloat16(), None) is None
+    assert kernels.skinny_linear(torch.randn(1, 16), torch.nn.Parameter(w), None) is None  # autograd needs torch
+
+
+def test_without_a_compiler_there_is_no_kernel(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    kernels._library.cache_clear()
+    try:
+        assert kernels.skinny_linear(torch.randn(1, 16), torch.randn(8, 16), None) is None
+    finally:
+        kernels._library.cache_clear()
