@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from gptkit.data import Document, prepare
-from gptkit.finetune import Example, FinetuneConfig, finetune
+from gptkit.finetune import Example, FinetuneConfig, finetune, load_task, predict
 from gptkit.train import load_recipe, train
 
 
@@ -66,8 +66,6 @@ def main():
             ft = FinetuneConfig(**{"epochs": args.epochs, "lr": args.lr, "batch_size": 32, "patience": 2, **kw})
             r = finetune(d / "base", fit, val, d / name[1], ft, quiet=True)
             print(f"{name}: {r['epochs']}", flush=True)
-            from gptkit.finetune import load_task, predict
-
             model, tok = load_task(d / name[1])
             acc = sum(predict(model, tok, e.fields)[0] == e.label for e in dev) / len(dev)
             rows.append((name, acc, r["trainable_params"], time.perf_counter() - t))

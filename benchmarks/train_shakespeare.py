@@ -136,9 +136,9 @@ def main():
             for name, tok_s, ratio, val, estimate, secs in rows:
                 print(f"| {name} | {tok_s:,.0f} | {ratio:.2f}x | {val:.4f} | {estimate:.4f} | {secs:.1f} |")
             eager = rows[:-1]
-            print(f"| gptkit eager, mean of {len(eager)} seeds | {sum(r[1] for r in eager) / len(eager):,.0f} | "
-                  f"{sum(r[2] for r in eager) / len(eager):.2f}x | {sum(r[3] for r in eager) / len(eager):.4f} | "
-                  f"{sum(r[4] for r in eager) / len(eager):.4f} | |")
+            tok_s, ratio, val, estimate = (sum(column) / len(eager) for column in list(zip(*eager))[1:5])
+            print(f"| gptkit eager, mean of {len(eager)} seeds | {tok_s:,.0f} | {ratio:.2f}x | {val:.4f} | "
+                  f"{estimate:.4f} | |")
         if 2 in parts:
             hit_s, hit_step, final_val, train_s, wall = part2(data, tmp, NANOGPT["val"])
             print("\n2. Time to nanoGPT's val loss 1.8857 (configs/shakespeare-char.toml)")
