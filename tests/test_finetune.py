@@ -7,8 +7,8 @@ import pytest
 
 from gptkit.cli import main
 from gptkit.data import prepare, read_sources
-from gptkit.finetune import (FinetuneConfig, LoRAError, TaskDataError, apply_lora, finetune, load_examples,
-                             load_task, merge, predict)
+from gptkit.finetune import (FinetuneConfig, FinetuneError, LoRAError, TaskDataError, apply_lora, finetune,
+                             load_examples, load_task, merge, predict)
 from gptkit.train import load_recipe, train
 
 POS = ["good", "great", "wonderful", "fun", "moving", "brilliant", "charming", "superb"]
@@ -60,7 +60,8 @@ def run(world, name, **kw):
 @pytest.fixture(scope="module")
 def results(world):
     return {"full": run(world, "full"), "scratch": run(world, "scratch", from_scratch=True),
-            "lora": run(world, "lora", lora_rank=4, lora_targets=("attn.qkv", "attn.proj"), lr=3e-3)}
+            "lora": run(world, "lora", lora_rank=4, lora_targets=("attn.qkv", "attn.proj"), lr=3e-3),
+            "mean": run(world, "mean", pool="mean")}
 
 
 def test_bag_of_words_fails_on_negations(world):
@@ -77,6 +78,16 @@ def test_bag_of_words_fails_on_negations(world):
 def test_pretrained_fine_tuning_reaches_90_percent_and_beats_scratch(results):
     assert results["full"]["val_accuracy"] >= 0.90
     assert results["scratch"]["val_accuracy"] <= results["full"]["val_accuracy"] - 0.15
+
+
+def test_mean_pooled_features_learn_and_reload(world, results):
+    # an average blurs word order, so negations are harder than from the extract token, but it still learns
+    assert results["mean"]["val_accuracy"] >= 0.70
+    model, tok = load_task(world / "mean")
+    assert model.spec.pool == "mean"
+    val = load_examples(world / "val.jsonl", "classify")
+    right = sum(predict(model, tok, e.fields)[0] == e.label for e in val) / len(val)
+    assert right == pytest.approx(results["mean"]["val_accuracy"])
 
 
 def test_lora_nearly_matches_full_fine_tuning_with_few_parameters(results):
@@ -133,6 +144,8 @@ def test_bad_inputs(world, tmp_path):
     (tmp_path / "c.jsonl").write_text('{"context": "x", "options": ["a"], "label": 0}\n')
     with pytest.raises(TaskDataError, match="at least two"):
         load_examples(tmp_path / "c.jsonl", "choice")
+    with pytest.raises(FinetuneError, match="pool must be one of"):
+        run(world, "bad-pool", pool="max")
     from gptkit import GPT, preset
 
     with pytest.raises(LoRAError, match="match no linear layer"):

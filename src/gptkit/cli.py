@@ -138,7 +138,7 @@ def cmd_finetune(args) -> None:
     cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          lm_weight=args.lm_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                          lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience,
-                         device=args.device)
+                         pool=args.pool, device=args.device)
     if args.task == "sft":
         result = sft(args.base, train, val, args.out, cfg)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-alpha", type=float, default=16.0)
     s.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.fc,mlp.proj")
     s.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
+    s.add_argument("--pool", choices=["last", "mean"], default="last",
+                   help="classifier features: the extract token's hidden state (GPT-1) or the sequence mean")
     s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_finetune)
