@@ -1,7 +1,7 @@
 """SST-2 sentiment (GPT-1's task) on CPU: TF-IDF logistic regression vs gptkit pre-train + fine-tune.
 
     python benchmarks/finetune_sst2.py ../shared/data/sst2/train.tsv ../shared/data/sst2/dev.tsv \
-        [--corpus /tmp/wordnet.txt] [--pretrain-seconds 600]
+        [--corpus /tmp/wordnet.txt] [--pretrain-seconds 1140] [--seeds 3]
 
 (a) scikit-learn TF-IDF + logistic regression; (b) a small gptkit model pre-trained, GPT-1 style, for
 --pretrain-seconds on unlabelled text (the SST-2 training sentences plus each --corpus file, one document per

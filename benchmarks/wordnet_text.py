@@ -3,7 +3,7 @@
     apt-get download wordnet-base && dpkg-deb -x wordnet-base_*.deb wordnet
     python benchmarks/wordnet_text.py wordnet/usr/share/wordnet /tmp/wordnet.txt
 
-One line per synset: `word , synonym : gloss ; "example"` (117,659 lines, 2.1M words), lowercased like SST-2.
+One line per synset: `word , synonym : gloss ; "example"` (117,659 lines, 1.96M words), lowercased like SST-2.
 """
 
 import argparse

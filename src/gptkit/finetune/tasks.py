@@ -61,14 +61,14 @@ class TaskModel(nn.Module):
         ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
         lengths = torch.tensor([len(s) for s in seqs], device=device)
         h = self.gpt.hidden_states(ids)  # right padding: a causal model's real positions never see it
+        real = torch.arange(T, device=device)[None] < lengths[:, None]  # [B, T]: not padding
         if self.spec.pool == "mean":
-            real = (torch.arange(T, device=device)[None] < lengths[:, None]).unsqueeze(-1)
-            feats = (h * real).sum(1) / lengths[:, None]
+            feats = (h * real.unsqueeze(-1)).sum(1) / lengths[:, None]
         else:
             feats = h[torch.arange(len(seqs), device=device), lengths - 1]
         lm_loss = None
         if lm:  # the vocabulary-sized projection is most of a small model's cost: skip it when unused
-            targets = ids[:, 1:].masked_fill(torch.arange(1, T, device=device)[None] >= lengths[:, None], -100)
+            targets = ids[:, 1:].masked_fill(~real[:, 1:], -100)
             lm_loss = F.cross_entropy(self.gpt.logits(h[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
         counts = [len(example) for example in batch]
         if self.spec.task == "similar":  # both orders, summed
