@@ -14,6 +14,15 @@ def test_save_load_round_trip(tiny_ckpt):
     assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_load_with_overrides_changes_only_those_fields(tiny_ckpt):
+    plain = checkpoint.load_model(tiny_ckpt)
+    tuned = checkpoint.load_model(tiny_ckpt, dropout=0.1)
+    assert tuned.config == plain.config.replace(dropout=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), tuned.state_dict().values()))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        checkpoint.load_model(tiny_ckpt, n_embd=plain.config.n_embd * 2)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path, tiny_ckpt):
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         load(tmp_path / "nowhere")

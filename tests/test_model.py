@@ -110,3 +110,27 @@ def test_per_row_cache_decoding_equals_separate_generation(name):
             cache.advance_rows(3)
             logits = list(step)
     assert out == alone
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_training_loss_equals_plain_cross_entropy(tie):
+    """The CPU training loss (head and loss in cache-sized chunks, several here) gives the same loss and
+    gradients as logits + cross_entropy, ignored targets included."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=16384, context=96, tie_embeddings=tie)).train()
+    idx = torch.randint(0, 16384, (4, 96))
+    targets = torch.randint(0, 16384, (4, 96))
+    targets[1, 10:50] = -100
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    chunked, g1 = loss_and_grads(lambda: model(idx, targets=targets))
+    plain, g2 = loss_and_grads(lambda: torch.nn.functional.cross_entropy(
+        model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100))
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)

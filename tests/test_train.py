@@ -114,6 +114,9 @@ def test_recipe_file_and_overrides(tmp_path):
         load_recipe(None, ["batch_size=big"])
     with pytest.raises(RecipeError, match="no recipe file"):
         load_recipe(tmp_path / "missing.toml")
+    assert load_recipe(None, ["dtype=auto"]).dtype == "auto"
+    with pytest.raises(RecipeError, match="dtype must be fp32, bf16 or auto"):
+        load_recipe(None, ["dtype=fp16"])
 
 
 def test_schedules():

@@ -90,9 +90,13 @@ def load_config(directory: Path) -> GPTConfig:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> GPT:
+def load_model(directory: Path, device: str | torch.device = "cpu", **overrides) -> GPT:
+    """The checkpoint's model, in eval mode. `overrides` change config fields that the weights do not
+    depend on (e.g. the dropout to fine-tune with)."""
     directory = Path(directory)
     config = load_config(directory)
+    if overrides:
+        config = config.replace(**overrides)
     path = directory / WEIGHTS_FILE
     if not path.exists():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")

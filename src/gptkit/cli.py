@@ -136,9 +136,9 @@ def cmd_finetune(args) -> None:
         cut = max(1, len(train) // 10)
         train, val = train[cut:], train[:cut]
     cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         lm_weight=args.lm_weight, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                         lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience,
-                         pool=args.pool, device=args.device)
+                         lm_weight=args.lm_weight, dropout=args.dropout, lora_rank=args.lora_rank,
+                         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
+                         patience=args.patience, pool=args.pool, device=args.device)
     if args.task == "sft":
         result = sft(args.base, train, val, args.out, cfg)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-4)
     s.add_argument("--lm-weight", type=float, default=0.5, help="auxiliary LM loss weight (GPT-1: 0.5)")
+    s.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the base model's; GPT-1: 0.1)")
     s.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of all weights")
     s.add_argument("--lora-alpha", type=float, default=16.0)
     s.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.fc,mlp.proj")

@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import checkpoint
 from ..model import GPT
@@ -64,9 +63,8 @@ def sft_loss(gpt: GPT, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor
     device = gpt.wte.weight.device
     ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in batch], device=device)
     mask = torch.tensor([m + [0] * (T - len(m)) for _, m in batch], device=device)
-    logits = gpt(ids[:, :-1])
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # predict assistant tokens only
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return gpt(ids[:, :-1], targets=targets)
 
 
 def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: str | Path,

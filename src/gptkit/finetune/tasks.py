@@ -69,7 +69,7 @@ class TaskModel(nn.Module):
         lm_loss = None
         if lm:  # the vocabulary-sized projection is most of a small model's cost: skip it when unused
             targets = ids[:, 1:].masked_fill(~real[:, 1:], -100)
-            lm_loss = F.cross_entropy(self.gpt.logits(h[:, :-1]).flatten(0, 1), targets.flatten(), ignore_index=-100)
+            lm_loss = self.gpt.lm_loss(h[:, :-1], targets)
         counts = [len(example) for example in batch]
         if self.spec.task == "similar":  # both orders, summed
             return self.head(feats.view(len(batch), 2, -1).sum(1)), lm_loss
@@ -102,7 +102,8 @@ def prepare_base(base: str | Path, cfg: FinetuneConfig, tokens: tuple[str, ...])
     """The base checkpoint ready to fine-tune: seeded, `tokens` added to its vocabulary, and with LoRA
     (cfg.lora_rank > 0) only the adapters and the new tokens' embedding rows left trainable."""
     torch.manual_seed(cfg.seed)
-    gpt = checkpoint.load_model(base, cfg.device).train()
+    gpt = checkpoint.load_model(base, cfg.device, **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
+    gpt.train()
     tokenizer = checkpoint.load_tokenizer(base)
     if tokenizer is None:
         raise FinetuneError(f"{base} has no tokenizer")
@@ -178,6 +179,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     lm_weight: float = 0.5  # GPT-1's auxiliary language-modelling loss
+    dropout: float | None = None  # None: the base model's (GPT-1 fine-tuned with 0.1)
     pool: str = "last"  # "last": GPT-1's extract token; "mean": the average hidden state
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0

@@ -43,7 +43,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # warmup-stable-decay: the last fraction of steps decays linearly
     grad_clip: float = 1.0  # 0 = off
     # execution
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the hardware multiplies it natively
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
@@ -65,7 +65,7 @@ class TrainConfig:
             (self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r}"),
             (self.schedule in ("cosine", "wsd", "constant"), f"unknown schedule {self.schedule!r}"),
             (self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}"),
-            (self.dtype in ("fp32", "bf16"), f"dtype must be fp32 or bf16, got {self.dtype!r}"),
+            (self.dtype in ("fp32", "bf16", "auto"), f"dtype must be fp32, bf16 or auto, got {self.dtype!r}"),
             (self.lr > 0, "lr must be positive"),
             (self.eval_interval >= 1 and self.ckpt_interval >= 1 and self.log_interval >= 1,
              "intervals must be at least 1"),

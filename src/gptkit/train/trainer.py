@@ -52,6 +52,16 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """What dtype="auto" picks: bf16 autocast where the hardware multiplies bf16 natively (CUDA GPUs that
+    support it, CPUs with AVX512-BF16 or AMX). Elsewhere it is emulated: 17x slower than fp32 on an
+    AVX2-only EPYC (measured: 330 vs 5,560 tokens/s for a 4 x 128 model)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.cpu.get_capabilities() if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def evaluate_loss(model: GPT, data: TokenShards, block: int, batch_size: int, device, autocast,
                   max_tokens: int = 0) -> float:
     """Mean next-token loss over the split (all of it, or its first `max_tokens`)."""
@@ -103,7 +113,8 @@ class Run:
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state_path, model_config)
             self.model.load_state_dict(checkpoint.load_model(self.out, self.device).state_dict())
-        self.wrapped = distributed.wrap(self.model, cfg.strategy, self.dist, self.device, cfg.dtype == "bf16")
+        self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_is_fast(self.device))
+        self.wrapped = distributed.wrap(self.model, cfg.strategy, self.dist, self.device, self.bf16)
         self.block = cfg.block_size or model_config.context
         if self.block > model_config.context:
             raise TrainError(f"block_size {self.block} exceeds the model's context {model_config.context}")
@@ -195,10 +206,9 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
     model, device, main = run.model, run.device, run.dist.main
     quiet = quiet or not main
     compiled = torch.compile(run.wrapped) if cfg.compile else run.wrapped
-    use_bf16 = cfg.dtype == "bf16"
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16) if run.bf16 else contextlib.nullcontext()
 
     log = MetricsLog(run.out / "metrics.jsonl", truncate_after=run.step if resume else 0) if main else None
     tokens_per_step = cfg.batch_size * run.block * run.grad_accum  # global: all ranks
@@ -221,8 +231,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with distributed.grad_sync(run.wrapped, micro == run.grad_accum - 1):
                 with autocast():
-                    logits = compiled(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    loss = compiled(x, targets=y)
                 (loss / run.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
