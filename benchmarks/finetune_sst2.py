@@ -7,7 +7,8 @@
 --pretrain-seconds on unlabelled text (the SST-2 training sentences plus each --corpus file, one document per
 line; benchmarks/wordnet_text.py makes one from WordNet's glosses), then fine-tuned with the auxiliary LM loss;
 (c) the same fine-tuning from random weights; (d) LoRA on (b). Pre-training uses dtype auto: bf16 autocast
-where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 with the chunked LM-head loss; (b) is fine-tuned with --seeds seeds and their mean is reported.
+where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 with the chunked LM-head loss; (b) is fine-tuned
+with --seeds seeds and their mean is reported ((b'), their averaged probabilities, is printed beside it).
 Early stopping uses a tenth of the training set; accuracy is on dev.
 """
 
