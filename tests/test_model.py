@@ -134,3 +134,26 @@ def test_chunked_training_loss_equals_plain_cross_entropy(tie):
     assert chunked == pytest.approx(plain, rel=1e-5)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sampled_training_loss_is_the_full_loss_when_every_token_is_in_the_batch():
+    """Every vocabulary token among the targets and frequent enough to be in every batch (log q = 0): the
+    in-batch sampled softmax is exactly the full cross-entropy."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=16, context=32)).train()
+    idx, targets = torch.randint(0, 16, (4, 32)), torch.randperm(128).remainder(16).view(4, 32)
+    uniform = torch.full((16,), 1 / 16)
+    full = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    assert model(idx, targets=targets, unigram=uniform).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_sampled_training_loss_covers_only_the_batch_targets_with_log_q_correction():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=64, context=8)).train()
+    idx, targets = torch.randint(0, 64, (1, 8)), torch.tensor([[5, 5, 9, 9, 9, 30, 30, -100]])
+    unigram = torch.rand(64)
+    unigram /= unigram.sum()
+    logits = model(idx)[0, :7][:, [5, 9, 30]]
+    log_q = torch.log(1 - (1 - unigram[[5, 9, 30]]) ** 7)  # 7 targets, -100 ignored
+    expected = torch.nn.functional.cross_entropy(logits - log_q, torch.tensor([0, 0, 1, 1, 1, 2, 2]))
+    assert model(idx, targets=targets, unigram=unigram).item() == pytest.approx(expected.item(), rel=1e-5)

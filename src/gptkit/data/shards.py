@@ -164,6 +164,14 @@ class TokenShards:
     def tokenizer_sha256(self) -> str:
         return self.meta["tokenizer"]["sha256"]
 
+    def unigram(self, vocab_size: int, max_tokens: int = 100_000_000) -> torch.Tensor:
+        """Each token id's frequency in the split (its first `max_tokens` tokens, for a very large one)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for arr in self.arrays:
+            part = np.asarray(arr[:max(max_tokens - int(counts.sum()), 0)])
+            counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+        return torch.from_numpy(counts / max(int(counts.sum()), 1)).float()
+
     def batch(self, batch_size: int, block: int, generator: torch.Generator,
               rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: inputs [B, block] and next-token targets [B, block] (int64). Data-parallel ranks

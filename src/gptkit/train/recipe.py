@@ -42,6 +42,7 @@ class TrainConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # warmup-stable-decay: the last fraction of steps decays linearly
     grad_clip: float = 1.0  # 0 = off
+    sampled_softmax: bool = False  # loss over each batch's own targets only: a cheaper head for small models
     # execution
     dtype: Literal["fp32", "bf16", "auto"] = "fp32"  # auto: bf16 where the hardware multiplies it natively
     compile: bool = False

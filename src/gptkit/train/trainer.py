@@ -216,6 +216,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
     peak = peak_flops(device)
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet or None,
                 dynamic_ncols=True, mininterval=1.0)
+    # the sampled softmax's train loss is over the batch's targets only; val_loss is always the full one
+    unigram = run.train_data.unigram(model.config.vocab_size).to(device) if cfg.sampled_softmax else None
     val_loss, loss_value = None, math.nan
     model.train()
     window_t, window_steps = time.perf_counter(), 0
@@ -231,7 +233,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with distributed.grad_sync(run.wrapped, micro == run.grad_accum - 1):
                 with autocast():
-                    loss = compiled(x, targets=y)
+                    loss = compiled(x, targets=y, unigram=unigram)
                 (loss / run.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip:
