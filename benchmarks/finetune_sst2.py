@@ -1,7 +1,7 @@
 """SST-2 sentiment (GPT-1's task) on CPU: TF-IDF logistic regression vs gptkit pre-train + fine-tune.
 
     python benchmarks/finetune_sst2.py ../shared/data/sst2/train.tsv ../shared/data/sst2/dev.tsv \
-        [--corpus /tmp/wordnet.txt] [--pretrain-seconds 1200] [--seeds 3]
+        [--corpus /tmp/wordnet.txt] [--pretrain-seconds 1350] [--seeds 3]
 
 (a) scikit-learn TF-IDF + logistic regression; (b) a small gptkit model pre-trained, GPT-1 style, for
 --pretrain-seconds on unlabelled text (the SST-2 training sentences plus each --corpus file, one document per line;
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("dev", type=Path)
     ap.add_argument("--corpus", type=Path, nargs="*", default=[], help="extra unlabelled text, one document per line")
     ap.add_argument("--sst-repeat", type=int, default=1, help="copies of the SST-2 sentences in the pre-training text")
-    ap.add_argument("--pretrain-seconds", type=float, default=1200)
+    ap.add_argument("--pretrain-seconds", type=float, default=1350)
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -67,10 +67,11 @@ def main():
             docs += [Document(f"{path.name}:{i}", line) for i, line in enumerate(lines) if line.strip()]
         prepare(docs, d / "data", tokenizer="bpe", vocab_size=args.vocab_size)
         cfg = load_recipe(None, [
-            "model={n_layer=4, n_head=4, n_embd=128, context=64, dropout=0.1, pos='rope', norm='rmsnorm', "
-            "activation='relu2', bias=false}",
+            "model={n_layer=4, n_head=4, n_embd=128, context=64, dropout=0.1, attn_dropout=0.0, pos='rope', "
+            "norm='rmsnorm', activation='relu2', bias=false}",
             "batch_size=32", "dtype='auto'", "optimizer='muon'", "lr=3e-3", "muon_lr=0.02", "schedule='wsd'",
-            "sampled_softmax=true", "warmup_steps=50", "max_steps=0", "eval_interval=100000", "ckpt_interval=100000", "log_interval=100"],
+            "sampled_softmax=true", "warmup_steps=50", "max_steps=0", "eval_interval=100000",
+            "ckpt_interval=100000", "log_interval=100"],
             preset="tiny-gpt2", data=str(d / "data"), out=str(d / "base"), time_limit=args.pretrain_seconds)
         pre = train(cfg, quiet=True)
         corpus = " + ".join(["SST-2 text", *(p.name for p in args.corpus)])
@@ -82,7 +83,7 @@ def main():
         for name, kw in runs:
             t = time.perf_counter()
             ft = FinetuneConfig(**{"epochs": args.epochs, "lr": args.lr, "batch_size": 32, "patience": 2,
-                                   "pool": args.pool, "dropout": 0.1, **kw})
+                                   "pool": args.pool, "dropout": 0.1, "sampled_softmax": True, **kw})
             out = d / f"task{len(rows)}"
             r = finetune(d / "base", fit, val, out, ft, quiet=True)
             print(f"{name}: {r['epochs']}", flush=True)

@@ -61,7 +61,7 @@ def run(world, name, **kw):
 def results(world):
     return {"full": run(world, "full"), "scratch": run(world, "scratch", from_scratch=True),
             "lora": run(world, "lora", lora_rank=4, lora_targets=("attn.qkv", "attn.proj"), lr=3e-3),
-            "mean": run(world, "mean", pool="mean")}
+            "mean": run(world, "mean", pool="mean"), "sampled": run(world, "sampled", sampled_softmax=True)}
 
 
 def test_bag_of_words_fails_on_negations(world):
@@ -78,6 +78,10 @@ def test_bag_of_words_fails_on_negations(world):
 def test_pretrained_fine_tuning_reaches_90_percent_and_beats_scratch(results):
     assert results["full"]["val_accuracy"] >= 0.90
     assert results["scratch"]["val_accuracy"] <= results["full"]["val_accuracy"] - 0.15
+
+
+def test_auxiliary_lm_loss_as_a_sampled_softmax_fine_tunes_as_well(results):
+    assert results["sampled"]["val_accuracy"] >= 0.90
 
 
 def test_mean_pooled_features_learn_and_reload(world, results):

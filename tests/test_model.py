@@ -157,3 +157,16 @@ def test_sampled_training_loss_covers_only_the_batch_targets_with_log_q_correcti
     log_q = torch.log(1 - (1 - unigram[[5, 9, 30]]) ** 7)  # 7 targets, -100 ignored
     expected = torch.nn.functional.cross_entropy(logits - log_q, torch.tensor([0, 0, 1, 1, 1, 2, 2]))
     assert model(idx, targets=targets, unigram=unigram).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_attention_dropout_apart_from_residual_dropout():
+    torch.manual_seed(0)
+
+    def attention_is_random(**dropout):
+        model = GPT(preset("tiny-modern", vocab_size=16, context=8, **dropout)).train()
+        x = torch.randn(2, 8, model.config.n_embd)
+        attn = model.blocks[0].attn
+        return not torch.equal(attn(x, None, None, None), attn(x, None, None, None))
+
+    assert attention_is_random(dropout=0.3) and attention_is_random(dropout=0.0, attn_dropout=0.3)
+    assert not attention_is_random(dropout=0.3, attn_dropout=0.0)

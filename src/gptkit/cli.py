@@ -136,7 +136,7 @@ def cmd_finetune(args) -> None:
         cut = max(1, len(train) // 10)
         train, val = train[cut:], train[:cut]
     cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         lm_weight=args.lm_weight, dropout=args.dropout, lora_rank=args.lora_rank,
+                         lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
                          patience=args.patience, pool=args.pool, device=args.device)
     if args.task == "sft":
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=1e-4)
     s.add_argument("--lm-weight", type=float, default=0.5, help="auxiliary LM loss weight (GPT-1: 0.5)")
+    s.add_argument("--sampled-softmax", action="store_true",
+                   help="the auxiliary LM loss over each batch's own tokens only (cheaper for small models)")
     s.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the base model's; GPT-1: 0.1)")
     s.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of all weights")
     s.add_argument("--lora-alpha", type=float, default=16.0)

@@ -31,6 +31,7 @@ class GPTConfig:
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
+    attn_dropout: float | None = None  # None: as dropout; 0 keeps CPU attention on its fused kernel
     qk_norm: bool = False
     window: int | None = None  # band width of the locally banded attention layers
     local_layers: tuple[int, ...] = ()  # which layers use the band (GPT-3 alternates dense / banded)
@@ -63,6 +64,8 @@ class GPTConfig:
         need(self.n_head % self.kv_heads == 0, f"n_head {self.n_head} is not divisible by n_kv_head {self.kv_heads}")
         need(self.pos != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head dimension")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
+             f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
         need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r}")
         need(self.pos in ("learned", "rope"), f"unknown positions {self.pos!r}")
         need(self.activation in ("gelu", "gelu_tanh", "swiglu", "relu2"), f"unknown activation {self.activation!r}")

@@ -114,7 +114,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.q_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, cache: KVCache | None):
         B, T, _ = x.shape

@@ -53,8 +53,10 @@ class TaskModel(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, batch: list[list[list[int]]], lm: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Task logits [B, classes or options] and the LM loss over all input tokens (None unless `lm`)."""
+    def forward(self, batch: list[list[list[int]]], lm: bool = True,
+                unigram: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Task logits [B, classes or options] and the LM loss over all input tokens (None unless `lm`;
+        a sampled softmax given the `unigram` token frequencies)."""
         seqs = [s for example in batch for s in example]
         device = self.gpt.wte.weight.device
         T = max(map(len, seqs))
@@ -69,7 +71,7 @@ class TaskModel(nn.Module):
         lm_loss = None
         if lm:  # the vocabulary-sized projection is most of a small model's cost: skip it when unused
             targets = ids[:, 1:].masked_fill(~real[:, 1:], -100)
-            lm_loss = self.gpt.lm_loss(h[:, :-1], targets)
+            lm_loss = self.gpt.lm_loss(h[:, :-1], targets, unigram)
         counts = [len(example) for example in batch]
         if self.spec.task == "similar":  # both orders, summed
             return self.head(feats.view(len(batch), 2, -1).sum(1)), lm_loss
@@ -179,6 +181,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     lm_weight: float = 0.5  # GPT-1's auxiliary language-modelling loss
+    sampled_softmax: bool = False  # that loss over each batch's own targets only (cheaper for small models)
     dropout: float | None = None  # None: the base model's (GPT-1 fine-tuned with 0.1)
     pool: str = "last"  # "last": GPT-1's extract token; "mean": the average hidden state
     lora_rank: int = 0  # 0: full fine-tuning
@@ -211,12 +214,17 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
     ctx = gpt.config.context
     encoded = [(encode(tokenizer, spec, e.fields, ctx), label_index(spec, e)) for e in train]
     steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
+    unigram = None
+    if cfg.sampled_softmax:
+        counts = torch.bincount(torch.tensor([t for seqs, _ in encoded for s in seqs for t in s[1:]]),
+                                minlength=gpt.config.vocab_size).float()
+        unigram = (counts / counts.sum()).to(gpt.wte.weight.device)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 50)) *
                                                  max(0.0, 1 - s / steps))
     best, best_state, history, stale = -1.0, None, [], 0
     for epoch in range(cfg.epochs):
         for chunk in length_batches(encoded, cfg.batch_size, rng):
-            logits, lm_loss = model([seqs for seqs, _ in chunk], lm=cfg.lm_weight > 0)
+            logits, lm_loss = model([seqs for seqs, _ in chunk], lm=cfg.lm_weight > 0, unigram=unigram)
             loss = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
             (loss if lm_loss is None else loss + cfg.lm_weight * lm_loss).backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
