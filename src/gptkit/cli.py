@@ -136,9 +136,9 @@ def cmd_finetune(args) -> None:
         cut = max(1, len(train) // 10)
         train, val = train[cut:], train[:cut]
     cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout, lora_rank=args.lora_rank,
-                         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
-                         patience=args.patience, pool=args.pool, device=args.device)
+                         lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout,
+                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                         lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience, pool=args.pool, device=args.device)
     if args.task == "sft":
         result = sft(args.base, train, val, args.out, cfg)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
