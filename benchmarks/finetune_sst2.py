@@ -15,6 +15,7 @@ it). Early stopping uses a tenth of the training set; accuracy is on dev.
 
 import argparse
 import csv
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,22 @@ def tfidf(train, dev) -> float:
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     clf = LogisticRegression(max_iter=2000, C=4.0).fit(vec.fit_transform([t for t, _ in train]), [y for _, y in train])
     return clf.score(vec.transform([t for t, _ in dev]), [y for _, y in dev])
+
+
+def overlapping(dev: list[str], docs: list[Document], n: int = 8) -> int:
+    """Dev sentences that share a word n-gram with the pre-training text (GPT-3's contamination check)."""
+    words = lambda text: re.findall(r"[a-z0-9']+", text.lower())
+    grams = {}
+    for i, sentence in enumerate(dev):
+        w = words(sentence)
+        for j in range(len(w) - n + 1):
+            grams.setdefault(tuple(w[j:j + n]), set()).add(i)
+    hit = set()
+    for doc in docs:
+        w = words(doc.text)
+        for j in range(len(w) - n + 1):
+            hit |= grams.get(tuple(w[j:j + n]), set())
+    return len(hit)
 
 
 def main():
@@ -66,6 +83,8 @@ def main():
         for path in args.corpus:
             lines = path.read_text(encoding="utf-8").splitlines()
             docs += [Document(f"{path.name}:{i}", line) for i, line in enumerate(lines) if line.strip()]
+        # The SST-2 training sentences are meant to be there; any other text must not hold dev sentences.
+        contaminated = overlapping([t for t, _ in dev_rows], docs[len(train_rows) * args.sst_repeat:])
         # 2% held out: the LM val loss is a progress figure here, the text is worth more as training data
         t = time.perf_counter()
         prepare(docs, d / "data", tokenizer="bpe", vocab_size=args.vocab_size, val_fraction=0.02)
@@ -103,7 +122,8 @@ def main():
         rows[1 + args.seeds:1 + args.seeds] = [
             (f"(b) mean of {args.seeds} seeds", mean, None, None),
             (f"(b') ensemble of the {args.seeds} seeds (mean probabilities)", ensemble, None, None)]
-    print(f"SST-2 dev ({len(dev_rows)} sentences); prepare {prepare_s:.0f} s; pre-training {pre['elapsed_s']:.0f} s, {pre['tokens']:,} tokens, "
+    print(f"SST-2 dev ({len(dev_rows)} sentences, {contaminated} sharing an 8-word sequence with the --corpus "
+          f"text); prepare {prepare_s:.0f} s; pre-training {pre['elapsed_s']:.0f} s, {pre['tokens']:,} tokens, "
           f"val loss {pre['val_loss']:.3f}; whole run {time.perf_counter() - start:.0f} s")
     print("| run | dev accuracy | trained parameters | fine-tune s |")
     print("|---|---:|---:|---:|")
