@@ -43,7 +43,9 @@ def tfidf(train, dev) -> float:
 
 def overlapping(dev: list[str], docs: list[Document], n: int = 8) -> int:
     """Dev sentences that share a word n-gram with the pre-training text (GPT-3's contamination check)."""
-    words = lambda text: re.findall(r"[a-z0-9']+", text.lower())
+    def words(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", text.lower())
+
     grams = {}
     for i, sentence in enumerate(dev):
         w = words(sentence)
@@ -53,7 +55,7 @@ def overlapping(dev: list[str], docs: list[Document], n: int = 8) -> int:
     for doc in docs:
         w = words(doc.text)
         for j in range(len(w) - n + 1):
-            hit |= grams.get(tuple(w[j:j + n]), set())
+            hit.update(grams.get(tuple(w[j:j + n]), ()))  # no new set per n-gram of the corpus
     return len(hit)
 
 
