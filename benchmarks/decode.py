@@ -13,7 +13,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gptkit.hf
-from gptkit.generate import SamplingParams, generate_ids
+from gptkit.engine import generate_tokens
+from gptkit.generate import SamplingParams
 
 
 def best_rates(runs: dict, new_tokens: int, repeats: int) -> dict:
@@ -51,7 +52,7 @@ def main():
         return out[0, prompt.shape[1]:].tolist()
 
     def run_ours():
-        return [int(t) for t in generate_ids(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=n, temperature=0))]
+        return generate_tokens(ours, [prompt[0].tolist()], SamplingParams(max_new_tokens=n, temperature=0))[0]
 
     same = run_hf() == run_ours()
     rates = best_rates({"transformers": run_hf, "gptkit": run_ours}, n, args.repeats)

@@ -3,7 +3,8 @@ import torch
 
 import gptkit
 from gptkit import GPT, GenerationError, SamplingParams, Tokenizer, preset
-from gptkit.generate import Detokenizer, apply_repetition_penalty, beam_search, generate_ids, sample
+from gptkit.engine import generate_tokens
+from gptkit.generate import Detokenizer, apply_repetition_penalty, beam_search, sample
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
@@ -42,7 +43,7 @@ def test_detokenizer_never_splits_a_character(bpe):
     ids = bpe.encode("aꙮb")  # ꙮ (3 UTF-8 bytes) is not in the training text: one token per byte
     assert len(ids) >= 4
     det = Detokenizer(bpe)
-    pieces = [det.push(i) for i in ids] + [det.flush()]
+    pieces = [det.push(i) for i in ids] + [det.finish("length")]
     assert "".join(pieces) == "aꙮb"
     assert not any("\ufffd" in p for p in pieces)
 
@@ -107,7 +108,7 @@ def test_beam_search_scores_at_least_greedy():
             lp = model(ids)[0, :-1].log_softmax(-1)
         return lp[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None]).sum().item()
 
-    greedy = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0))]
+    greedy = generate_tokens(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0))[0]
     assert beam_search(model, prompt, 1, 12) == greedy
     beams = beam_search(model, prompt, 4, 12)
     assert len(beams) == 12 and logprob(beams) >= logprob(greedy) - 1e-5

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptkit import GPT, SamplingParams, preset
-from gptkit.generate import generate_ids
+from gptkit.engine import generate_tokens
 
 FAMILIES = ["tiny-gpt1", "tiny-gpt2", "tiny-gpt3", "tiny-modern"]  # post-norm, learned/MHA, banded, RoPE/GQA
 
@@ -24,7 +24,7 @@ def greedy_without_cache(model, prompt, n):
 def test_kv_cache_greedy_equals_uncached(name):
     model = model_for(name, **({"window": 8} if name == "tiny-gpt3" else {}))
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
-    cached = [int(t) for t in generate_ids(model, [prompt], SamplingParams(max_new_tokens=40, temperature=0))]
+    cached = generate_tokens(model, [prompt], SamplingParams(max_new_tokens=40, temperature=0))[0]
     assert cached == greedy_without_cache(model, prompt, 40)
 
 
@@ -33,19 +33,26 @@ def test_batched_generation_equals_one_by_one(name):
     model = model_for(name)
     prompts = [[1, 2, 3], [5, 8, 13, 21, 34, 55, 89], [7]]
     params = SamplingParams(max_new_tokens=20, temperature=0)
-    batched = torch.stack(list(generate_ids(model, prompts, params)), dim=1).tolist()
-    alone = [[int(t) for t in generate_ids(model, [p], params)] for p in prompts]
+    batched = generate_tokens(model, prompts, params)
+    alone = [generate_tokens(model, [p], params)[0] for p in prompts]
     assert batched == alone
 
 
-def test_left_padding_does_not_change_logits():
-    model = model_for("tiny-modern")
-    ids = torch.tensor([[4, 5, 6, 7]])
-    padded = torch.tensor([[0, 0, 4, 5, 6, 7]])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_right_padded_prefill_onto_rows_of_different_lengths(name):
+    """A cache row's tokens follow its own length: prefilling two rows at once (one padded), then more tokens
+    onto rows of different lengths, gives the logits of each sequence alone."""
+    model = model_for(name, **({"window": 4} if name == "tiny-gpt3" else {}))
+    a, b = [4, 5, 6, 7, 8, 9], [10, 11]
+    more = [[12, 13, 14], [15, 16, 17]]
     with torch.no_grad():
-        plain = model(ids)
-        pad = model(padded, pad=torch.tensor([2]))[:, 2:]
-    torch.testing.assert_close(pad, plain, atol=1e-5, rtol=1e-5)
+        cache = model.new_cache(2, 32)
+        model(torch.tensor([a, b + [0] * 4]), cache)
+        cache.set_length(0, len(a)), cache.set_length(1, len(b))
+        step = model(torch.tensor(more), cache)
+        for row, seq in enumerate([a, b]):
+            alone = model(torch.tensor([seq + more[row]]))[0, len(seq):]
+            torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_banded_layers_only_see_their_window():
@@ -88,27 +95,25 @@ def test_init_scales_residual_projections():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_per_row_cache_decoding_equals_separate_generation(name):
-    """Serving slots: rows at different lengths, one batched single-token step each."""
+    """Serving rows: rows at different lengths, one batched single-token step each."""
     model = model_for(name)
     prompts = [[1, 2, 3], [5, 8, 13, 21, 34, 55, 89], [7, 7]]
     params = SamplingParams(max_new_tokens=12, temperature=0)
-    alone = [[int(t) for t in generate_ids(model, [p], params)] for p in prompts]
-    cache = model.new_cache(4, 32).per_row()
+    alone = [generate_tokens(model, [p], params)[0] for p in prompts]
+    cache = model.new_cache(4, 32)
     logits = []
     with torch.no_grad():
         for row, p in enumerate(prompts):
-            one = model.new_cache(1, len(p))
-            logits.append(model(torch.tensor([p]), one)[0, -1])
-            one.advance(len(p))
-            cache.set_row(row, one)
+            logits.append(model(torch.tensor([p]), cache.select(row, row + 1))[0, -1])
+            cache.set_length(row, len(p))
         out = [[] for _ in prompts]
         for _ in range(12):
             tokens = [int(lg.argmax()) for lg in logits]
             for o, t in zip(out, tokens):
                 o.append(t)
-            step = model(torch.tensor(tokens)[:, None], cache.rows(3))[:, -1]
-            cache.advance_rows(3)
-            logits = list(step)
+            view = cache.select(0, 3)
+            logits = list(model(torch.tensor(tokens)[:, None], view)[:, -1])
+            view.advance(1)
     assert out == alone
 
 

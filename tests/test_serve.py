@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 import gptkit
 from gptkit import GPT, SamplingParams, preset
-from gptkit.generate import generate_ids
-from gptkit.serve import Engine, Request, create_app
+from gptkit.engine import Engine, Request, generate_tokens
+from gptkit.serve import Runner, create_app
 
 
 @pytest.fixture
@@ -118,29 +118,29 @@ def test_sixteen_concurrent_streams_are_batched(client):
     assert client.app.state.runtime["engine"].max_rows > 1  # decoded together, not one after another
 
 
-def test_engine_batched_greedy_equals_single_generation(bpe):
+def test_engine_thread_batched_greedy_equals_single_generation(bpe):
     torch.manual_seed(0)
     model = GPT(preset("tiny-modern", vocab_size=bpe.vocab_size, context=64)).eval()
-    engine = Engine(model, bpe, max_batch=4)
+    runner = Runner(Engine(model, bpe, max_batch=4), max_queue=8, timeout=60)
     prompts = [[5, 6, 7], [9] * 9, [11, 12]]
     params = SamplingParams(max_new_tokens=10, temperature=0)
     texts, finished, done = ["", "", ""], [], threading.Event()
 
     def collector(i):
         def on_event(e):
-            texts[i] += e.get("text", "")
-            if "finish_reason" in e:
+            texts[i] += e.text
+            if e.finish_reason:
                 finished.append(i)
                 if len(finished) == len(prompts):
                     done.set()
         return on_event
 
     for i, p in enumerate(prompts):
-        engine.submit(Request(p, params, collector(i)))
+        runner.submit(Request(p, params), collector(i))
     assert done.wait(30)
-    engine.close()
-    assert engine.max_rows >= 2
-    assert texts == [bpe.decode([int(t) for t in generate_ids(model, [p], params)]) for p in prompts]
+    runner.close()
+    assert runner.engine.max_rows >= 2
+    assert texts == [bpe.decode(generate_tokens(model, [p], params)[0]) for p in prompts]
 
 
 def test_disconnected_client_frees_its_slot(lm):
@@ -152,10 +152,10 @@ def test_disconnected_client_frees_its_slot(lm):
                 break  # read one line, then hang up
         engine = app.state.runtime["engine"]
         for _ in range(100):
-            if not engine.slots:
+            if not engine.rows:
                 break
             threading.Event().wait(0.05)
-        assert not engine.slots
+        assert not engine.rows
 
 
 def test_stream_usage_when_asked(client):

@@ -5,7 +5,8 @@ from pathlib import Path
 from . import checkpoint
 from .checkpoint import CheckpointError, load_model, load_tokenizer
 from .config import PRESETS, ConfigError, GPTConfig, preset
-from .generate import LM, GenerationError, SamplingParams
+from .engine import LM
+from .generate import GenerationError, SamplingParams
 from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError
 

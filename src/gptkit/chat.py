@@ -5,18 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .generate import LM, Detokenizer, SamplingParams, generate_ids
+from .engine import LM, Engine, Request
+from .generate import GenerationError, SamplingParams
 
 
 class ChatSession:
     def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_p: float | None = 0.95, seed: int | None = None):
         self.lm, self.system = lm, system
-        self.settings = dict(temperature=temperature, top_p=top_p, seed=seed)
-        self.max_new_tokens = min(max_new_tokens, lm.model.config.context // 2)
+        stop, self.stop_ids = lm.tokenizer.chat_stops()
+        # checked now, not at the first message
+        self.params = SamplingParams(max_new_tokens=min(max_new_tokens, lm.model.config.context // 2),
+                                     temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=1)
         self.messages: list[dict] = []
         self.dropped = 0
         self._partial = ""
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
 
     def reset(self) -> None:
         self.messages, self.dropped = [], 0
@@ -28,8 +36,12 @@ class ChatSession:
         while True:
             head = [{"role": "system", "content": self.system}] if self.system else []
             ids = self.lm.tokenizer.encode_chat(head + self.messages)
-            if len(ids) + self.max_new_tokens <= context or len(self.messages) <= 1:
-                return ids[-(context - self.max_new_tokens):]
+            if len(ids) + self.max_new_tokens <= context:
+                return ids
+            if len(self.messages) <= 1:
+                self.messages.pop()
+                raise GenerationError(f"this message makes a prompt of {len(ids)} tokens; with {self.max_new_tokens} "
+                                      f"for the reply it does not fit the model's context of {context}")
             self.messages.pop(0)  # forget the oldest exchange: a history starts with the user speaking
             self.dropped += 1
             while self.messages and self.messages[0]["role"] == "assistant":
@@ -37,24 +49,23 @@ class ChatSession:
                 self.dropped += 1
 
     def send(self, text: str) -> Iterator[str]:
-        """Add the user's message and stream the reply's pieces; the reply joins the history."""
+        """Add the user's message and stream the reply's pieces; the reply joins the history. A message that
+        cannot fit the context is refused (GenerationError) before anything is streamed."""
         self.messages.append({"role": "user", "content": text})
-        prompt = self._prompt()
-        stop, stop_ids = self.lm.tokenizer.chat_stops()
-        params = SamplingParams(max_new_tokens=self.max_new_tokens, stop=stop, **self.settings)
-        det = Detokenizer(self.lm.tokenizer, stop, stop_ids)
+        self.engine.add(Request(self._prompt(), self.params, self.stop_ids))
+        return self._reply()
+
+    def _reply(self) -> Iterator[str]:
         self._partial = ""
-        for tokens in generate_ids(self.lm.model, [prompt], params, self.lm.tokenizer.vocab_size):
-            piece = det.push(int(tokens[0]))
-            self._partial += piece
-            if piece:
-                yield piece
-            if det.done:
-                break
-        tail = det.flush()
-        self._partial += tail
-        if tail:
-            yield tail
+        try:
+            while self.engine.has_work():
+                for out in self.engine.step():
+                    self._partial += out.text
+                    if out.text:
+                        yield out.text
+        finally:  # interrupted (Ctrl-C, the caller stopped reading): free the row
+            if self.engine.has_work():
+                self.engine.abort()
         self.messages.append({"role": "assistant", "content": self._partial})
 
     def interrupted(self) -> None:

@@ -45,18 +45,22 @@ def _sampling(args):
 def cmd_generate(args) -> None:
     import gptkit
 
+    from .engine import row_seed
+
     params = _sampling(args)  # validate settings before loading a large model
     lm = gptkit.load(args.checkpoint, device=args.device)
     lm.model.pack_for_cpu_inference()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
     for i in range(args.num_samples):
+        steps = lm.stream_batch([prompt], dataclasses.replace(params, seed=row_seed(params.seed, i)))  # checks first
         if i:
             print("\n" + "-" * 40)
         sys.stdout.write(prompt)
-        for pieces in lm.stream_batch([prompt], params):
+        for pieces in steps:
             sys.stdout.write(pieces[0])
             sys.stdout.flush()
-        params = dataclasses.replace(params, seed=None if params.seed is None else params.seed + 1)
     print()
 
 
@@ -112,12 +116,22 @@ def cmd_serve(args) -> None:
 
     from .serve import create_app
 
+    import logging
+
+    for flag in ("max_batch", "max_queue", "request_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     lm = gptkit.load(args.checkpoint, device=args.device)
     lm.model.pack_for_cpu_inference()
     name = args.model_name or Path(args.checkpoint).resolve().name
-    app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch)
-    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, docs at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request
+    print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, metrics at /metrics, "
+          f"docs at /docs)", flush=True)
+    # On SIGINT/SIGTERM, open streams get a few seconds to finish; then they are cancelled and the engine stops.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),
@@ -166,7 +180,9 @@ def cmd_chat(args) -> None:
     import gptkit
 
     from .chat import ChatSession
+    from .generate import GenerationError, SamplingParams
 
+    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # check first
     lm = gptkit.load(args.checkpoint, device=args.device)
     lm.model.pack_for_cpu_inference()
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -185,9 +201,14 @@ def cmd_chat(args) -> None:
             continue
         if not text.strip():
             continue
+        try:
+            reply = session.send(text)
+        except GenerationError as e:
+            print(f"gptkit: {e}", file=sys.stderr)
+            continue
         print("model> ", end="", flush=True)
         try:
-            for piece in session.send(text):
+            for piece in reply:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             session.interrupted()
@@ -361,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
     s.add_argument("--model-name", help="model id clients use (default: the checkpoint directory's name)")
-    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (rows of the KV cache)")
+    s.add_argument("--max-queue", type=int, help="requests waiting for a row before new ones get 429 "
+                   "(default: 32 per CPU core, at least 64)")
+    s.add_argument("--request-timeout", type=float, default=600, metavar="SECONDS",
+                   help="a request still running after this long fails with 504")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
 

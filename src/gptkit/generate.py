@@ -1,4 +1,5 @@
-"""Decoding: pure sampling functions, batched KV-cached generation, beam search, streaming text."""
+"""Decoding rules: sampling settings, pure sampling functions, penalties, the stop policy and incremental
+detokenizer, and beam search. The loop that runs them over many rows is `engine.py`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ class GenerationError(ValueError):
     """Invalid sampling settings, or a prompt that does not fit the model's context."""
 
 
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -24,9 +28,12 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL's, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI's, over the output so far
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
     num_beams: int = 1  # > 1: beam search (deterministic; the sampling settings are not used)
 
     def __post_init__(self):
@@ -38,13 +45,23 @@ class SamplingParams:
             (self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}"),
             (self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+             f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.seed is None or (isinstance(self.seed, int) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"seed must be an integer that fits in 64 bits, got {self.seed}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
             (all(self.stop), "stop strings must not be empty"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise GenerationError(msg)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -73,6 +90,17 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return logits.scatter(1, seen, score)
 
 
+def apply_penalties(logits: Tensor, prompt: Tensor, output: Tensor, params: SamplingParams) -> Tensor:
+    """One row's logits [V] after the repetition penalty (over `prompt` and `output` ids) and OpenAI's
+    presence and frequency penalties (over `output`: minus presence once, minus frequency per occurrence)."""
+    if params.repetition_penalty != 1:
+        logits = apply_repetition_penalty(logits[None], torch.cat([prompt, output])[None], params.repetition_penalty)[0]
+    if len(output) and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(output, minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+        logits = logits - counts * params.frequency_penalty - (counts > 0).to(logits.dtype) * params.presence_penalty
+    return logits
+
+
 def check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
     context = model.config.context
     if prompt_len + max_new_tokens > context:
@@ -81,44 +109,12 @@ def check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
 
 
 @torch.inference_mode()
-def generate_ids(model: GPT, prompts: list[list[int]], params: SamplingParams,
-                 vocab_limit: int | None = None) -> Iterator[Tensor]:
-    """Yield the next token of every row, step by step, for prompts of different lengths (left padded).
-    `vocab_limit`: sample only ids below it (a model vocabulary padded beyond its tokenizer's)."""
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise GenerationError("empty prompt: give at least one token")
-    L, B = max(lengths), len(prompts)
-    check_fits(model, L, params.max_new_tokens)
-    device = model.wte.weight.device
-    # Left padding: pad slots repeat the row's first token (harmless for the repetition penalty's gather).
-    idx = torch.tensor([[p[0]] * (L - len(p)) + p for p in prompts], device=device)
-    pad = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
-    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    cache = model.new_cache(B, L + params.max_new_tokens)
-    seen = idx
-    logits = model(idx, cache, pad, last_only=True)[:, -1]
-    cache.advance(L)
-    for step in range(params.max_new_tokens):
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        token = sample(logits[:, :vocab_limit], params.temperature, params.top_k, params.top_p, params.min_p, gen)
-        yield token
-        if step + 1 == params.max_new_tokens:
-            return
-        if params.repetition_penalty != 1.0:
-            seen = torch.cat([seen, token[:, None]], dim=1)
-        logits = model(token[:, None], cache, pad)[:, -1]
-        cache.advance(1)
-
-
-@torch.inference_mode()
 def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: int, eot_id: int | None = None,
                 length_penalty: float = 1.0) -> list[int]:
     """The highest-scoring continuation (sum of log-probs / length ** length_penalty)."""
     check_fits(model, len(prompt), max_new_tokens)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logp = model(torch.tensor([prompt], device=model.wte.weight.device), cache, last_only=True)[:, -1].log_softmax(-1)
+    logp = model(torch.tensor([prompt], device=cache.device), cache, last_only=True)[:, -1].log_softmax(-1)
     cache.advance(len(prompt))
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=logp.device))
     beams, scores = [[]], torch.zeros(1, device=logp.device)
@@ -146,82 +142,55 @@ def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: i
     return max(finished, key=lambda f: f[0])[1]
 
 
+
+
 class Detokenizer:
-    """Turns one row's token stream into text pieces: whole characters only, cut at the first stop string."""
+    """One row's token stream as text pieces, at O(new tokens) per token: each token is decoded together with
+    the few tokens before it (a window that moves on once its text is complete), so pieces never split a
+    character and tokenizers whose tokens' text depends on their neighbours (SentencePiece spaces) decode as
+    the whole sequence would. Special tokens are never shown as text; `stop_ids` end the stream, and the text
+    is cut at the first stop string (text that may begin one is held back until it is decided)."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), stop_ids: tuple[int, ...] = ()):
-        self.tokenizer, self.stop, self.stop_ids = tokenizer, stop, stop_ids
-        self.ids: list[int] = []
-        self.text, self.sent, self.done = "", 0, False
-        self.finish_reason: str | None = None
+        self.tokenizer, self.stop, self.stop_ids = tokenizer, stop, set(stop_ids)
+        self.hidden = set(tokenizer.special_by_id)
+        self.ids: list[int] = []  # visible tokens so far
+        self.start = self.read = 0  # the decode window: ids[start:read] is already text, ids[read:] is not yet
+        self.pending = ""  # text decoded but not yet sent (it may begin a stop string)
+        self.done, self.finish_reason = False, None
+        self.hold = max((len(s) for s in stop), default=1) - 1
 
     def push(self, token: int) -> str:
         if self.done:
             return ""
         if token in self.stop_ids:
-            self.done, self.finish_reason = True, "stop"
-            return self.flush()
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at >= 0:
-                self.text, self.done, self.finish_reason = self.text[:at], True, "stop"
-                return self.flush()
-        if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its remaining bytes
+            return self.finish("stop")
+        if token in self.hidden:
             return ""
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(self.text) - hold)  # hold back what may be the start of a stop string
-        piece, self.sent = self.text[self.sent:end], end
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.start:self.read])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete UTF-8 sequence: wait for more
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return self._emit(text[len(before):])
+
+    def _emit(self, new: str) -> str:
+        text = self.pending + new
+        for s in self.stop:
+            at = text.find(s)
+            if at >= 0:
+                self.pending = text[:at]
+                return self.finish("stop")
+        # hold back the longest tail that is a prefix of a stop string
+        hold = next((k for k in range(min(self.hold, len(text)), 0, -1)
+                     if any(s.startswith(text[-k:]) for s in self.stop)), 0)
+        piece, self.pending = text[:len(text) - hold], text[len(text) - hold:]
         return piece
 
-    def flush(self) -> str:
-        piece, self.sent = self.text[self.sent:], len(self.text)
+    def finish(self, reason: str) -> str:
+        """End the stream (stop, length): the text held back is sent now."""
+        piece, self.pending = self.pending, ""
+        if not self.done:
+            self.done, self.finish_reason = True, reason
         return piece
-
-
-class LM:
-    """A model with its tokenizer: text in, text out."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
-        self.model, self.tokenizer = model.eval(), tokenizer
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
-        eot = self.tokenizer.special.get("<|endoftext|>")
-        return ids or ([eot] if eot is not None else [])  # an empty prompt starts a new document
-
-    def stream_batch(self, prompts: list[str], params: SamplingParams) -> Iterator[list[str]]:
-        """Yield, per step, the new text piece of every prompt ('' for finished rows)."""
-        eot = self.tokenizer.special.get("<|endoftext|>")
-        stop_ids = (eot,) if eot is not None else ()
-        ids = [self.encode_prompt(p) for p in prompts]
-        self.finish_reasons = ["length"] * len(prompts)
-        if params.num_beams > 1:
-            for i, p in enumerate(ids):
-                out = beam_search(self.model, p, params.num_beams, params.max_new_tokens, eot)
-                det = Detokenizer(self.tokenizer, params.stop, stop_ids)
-                text = "".join(det.push(t) for t in out) + det.flush()
-                yield ["" if j != i else text for j in range(len(prompts))]
-                self.finish_reasons[i] = det.finish_reason or "length"
-            return
-        dets = [Detokenizer(self.tokenizer, params.stop, stop_ids) for _ in prompts]
-        for tokens in generate_ids(self.model, ids, params, self.tokenizer.vocab_size):
-            yield [d.push(t) for d, t in zip(dets, tokens.tolist())]
-            if all(d.done for d in dets):
-                break
-        yield [d.flush() for d in dets]
-        self.finish_reasons = [d.finish_reason or "length" for d in dets]
-
-    def stream(self, prompt: str, **settings) -> Iterator[str]:
-        params = SamplingParams(**settings)
-        for pieces in self.stream_batch([prompt], params):
-            if pieces[0]:
-                yield pieces[0]
-
-    def generate(self, prompt: str | list[str], **settings) -> str | list[str]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = [""] * len(prompts)
-        for pieces in self.stream_batch(prompts, SamplingParams(**settings)):
-            texts = [t + p for t, p in zip(texts, pieces)]
-        return texts[0] if isinstance(prompt, str) else texts

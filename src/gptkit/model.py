@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -13,78 +14,83 @@ from .config import GPTConfig
 
 
 class KVCache:
-    """Preallocated keys and values for every layer. The generator owns it and advances it; layers only
-    `write` their new keys and values and read the filled part.
+    """Preallocated keys and values for every layer, `batch` rows each at its own length. The generator owns
+    it and advances it; layers only `write` their new keys and values and read the filled part.
 
-    Two modes: all rows at one shared position `pos` (generation, prefill of any length), or, after
-    `per_row()`, each row at its own length (serving slots: single-token decode steps)."""
+    `select(start, stop)` is a window of rows (writes through it land here): a decode step runs on the
+    running rows, a batched prefill on the rows just admitted. Row lengths live on the host, so reading
+    them never waits for the device."""
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = 0
-        self.lengths: Tensor | None = None  # per-row mode
-        self.span = 0  # per-row mode: max(lengths), kept on the host
+        self.lengths = [0] * batch  # tokens held by each row
+        self.window = slice(0, batch)
+        self._index: tuple | None = None  # (lengths, T) -> positions [B, T], reused by every layer
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def per_row(self) -> KVCache:
-        self.lengths = torch.zeros(self.k.shape[1], dtype=torch.long, device=self.k.device)
-        return self
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
 
-    def advance(self, n: int) -> None:
-        if self.lengths is None:
-            self.pos += n
-        else:
-            self.lengths += n
-            self.span += n
-
-    def set_row(self, row: int, other: KVCache) -> None:
-        """Install a batch-1 cache (a prefilled prompt) as row `row` (per-row mode)."""
-        n = other.pos
-        self.k[:, row, :, :n] = other.k[:, 0, :, :n]
-        self.v[:, row, :, :n] = other.v[:, 0, :, :n]
-        self.lengths[row] = n
-        self.span = int(self.lengths.max())
-
-    def reset_row(self, row: int) -> None:
-        self.lengths[row] = 0
-        self.span = int(self.lengths.max())
-
-    def move_row(self, src: int, dst: int) -> None:
-        self.k[:, dst], self.v[:, dst], self.lengths[dst] = self.k[:, src], self.v[:, src], self.lengths[src]
-
-    def rows(self, n: int) -> KVCache:
-        """A view of the first `n` rows (per-row mode): writes through it land in this cache."""
-        view = object.__new__(KVCache)
-        view.k, view.v, view.pos = self.k[:, :n], self.v[:, :n], 0
-        view.lengths, view.span = self.lengths[:n], self.span
+    def select(self, start: int, stop: int) -> KVCache:
+        view = copy.copy(self)  # shares the buffers and the lengths list
+        view.window, view._index = slice(start, stop), None
         return view
 
-    def advance_rows(self, n: int) -> None:
-        self.lengths[:n] += 1
-        self.span = int(self.lengths.max())
+    def row_lengths(self) -> list[int]:
+        return self.lengths[self.window]
+
+    def positions(self, T: int) -> Tensor:
+        """Positions [B, T] of the next T tokens of each row in the window."""
+        lengths = self.row_lengths()
+        if self._index is None or self._index[0] != (lengths, T):
+            pos = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(T, device=self.device)
+            self._index = ((lengths, T), pos)
+        return self._index[1]
+
+    def advance(self, n: int | list[int]) -> None:
+        """Rows of the window hold `n` more tokens (one count for all, or one per row)."""
+        for i, row in enumerate(range(*self.window.indices(self.batch))):
+            self.lengths[row] += n if isinstance(n, int) else n[i]
+
+    def set_length(self, row: int, n: int) -> None:
+        self.lengths[row] = n
+
+    def move_row(self, src: int, dst: int) -> None:
+        n = self.lengths[src]
+        self.k[:, dst, :, :n], self.v[:, dst, :, :n] = self.k[:, src, :, :n], self.v[:, src, :, :n]
+        self.lengths[dst] = n
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this step's keys/values [B, kv_heads, T, d]; return all keys/values so far."""
-        if self.lengths is None:
-            end = self.pos + k.shape[2]
-            self.k[layer, :, :, self.pos:end] = k
-            self.v[layer, :, :, self.pos:end] = v
+        """Store this step's keys/values [B, kv_heads, T, d] after each row's filled part; return every row's
+        keys/values up to the longest row's end (positions past a row's own end are masked by the model)."""
+        T, lengths = k.shape[2], self.row_lengths()
+        keys, values = self.k[layer, self.window], self.v[layer, self.window]
+        start = lengths[0]
+        if all(n == start for n in lengths):
+            keys[:, :, start:start + T], values[:, :, start:start + T] = k, v
         else:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[layer, rows, :, self.lengths] = k[:, :, 0]
-            self.v[layer, rows, :, self.lengths] = v[:, :, 0]
-            end = self.span + 1
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            rows = torch.arange(len(lengths), device=k.device)[:, None]
+            pos = self.positions(T)
+            keys[rows, :, pos], values[rows, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+        end = max(lengths) + T
+        return keys[:, :, :end], values[:, :, :end]
 
     def reorder(self, rows: Tensor) -> None:
         """Keep the batch rows `rows` (in that order), e.g. the surviving beams."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        self.lengths = [self.lengths[i] for i in rows.tolist()]
+        self.window = slice(0, len(self.lengths))
 
 
 def _norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -275,34 +281,31 @@ class GPT(nn.Module):
         w = self.wte.weight
         return KVCache(self.config, batch, max_len or self.config.context, w.dtype, w.device)
 
-    def _masks(self, T: int, start: int, pad: Tensor | None, device) -> tuple[Tensor | None, Tensor | None]:
-        """Boolean masks (True = may attend) for the dense and the banded layers; None = plain causal."""
-        window = self.config.window if self.config.local_layers else None
-        if pad is None and window is None and (start == 0 or T == 1):
-            return None, None
-        i = torch.arange(start, start + T, device=device)[:, None]
-        j = torch.arange(start + T, device=device)[None, :]
-        dense = j <= i
-        if pad is not None:  # left padding: rows ignore their pad keys; pad queries see themselves (no NaN)
-            dense = (dense & (j >= pad[:, None, None])) | (i == j)
-            dense = dense[:, None]
-        local = dense & (j > i - window) if window else None
+    def _masks(self, pos: Tensor, span: int) -> tuple[Tensor | None, Tensor | None]:
+        """Boolean masks (True = may attend) [B, 1, T, span] for the dense and the banded layers, from the
+        queries' positions [B, T]."""
+        j = torch.arange(span, device=pos.device)
+        dense = (j <= pos[..., None])[:, None]
+        local = dense & (j > pos[..., None] - self.config.window)[:, None] if self.config.local_layers else None
         return dense, local
 
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None) -> Tensor:
-        """Final hidden states [B, T, n_embd]. `pad[b]` = left-pad tokens in row b (positions start after them)."""
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final hidden states [B, T, n_embd]. With a cache, row b's tokens follow the row's cached ones."""
         B, T = idx.shape
-        if cache is not None and cache.lengths is not None:  # per-row lengths: one new token per row
-            pos = cache.lengths[:, None]
-            dense, local = self._row_masks(cache.lengths, cache.span + 1)
+        if cache is None:
+            if T > self.config.context:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.context}")
+            pos, dense, local = torch.arange(T, device=idx.device), None, None
+            if self.config.local_layers:
+                dense, local = self._masks(pos[None], T)
         else:
-            start = cache.pos if cache is not None else 0
-            if start + T > self.config.context:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context}")
-            pos = torch.arange(start, start + T, device=idx.device)
-            if pad is not None:
-                pos = (pos[None, :] - pad[:, None]).clamp_min(0)
-            dense, local = self._masks(T, start, pad, idx.device)
+            lengths = cache.row_lengths()
+            if max(lengths) + T > self.config.context:
+                raise ValueError(f"sequence of {max(lengths) + T} tokens exceeds the context of {self.config.context}")
+            pos = cache.positions(T)
+            dense = local = None
+            if self.config.local_layers or any(n != lengths[0] for n in lengths) or (T > 1 and lengths[0] > 0):
+                dense, local = self._masks(pos, max(lengths) + T)
         x = self.wte(idx)
         rope = None
         if self.wpe is not None:
@@ -315,12 +318,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope, local if block.local else dense, cache)
         return self.norm_f(x) if self.norm_f is not None else x
-
-    def _row_masks(self, lengths: Tensor, span: int) -> tuple[Tensor, Tensor | None]:
-        j = torch.arange(span, device=lengths.device)[None, :]
-        dense = j <= lengths[:, None]
-        local = dense & (j > lengths[:, None] - self.config.window) if self.config.local_layers else None
-        return dense[:, None, None], (local[:, None, None] if local is not None else None)
 
     def logits(self, h: Tensor) -> Tensor:
         if self.packed_head is not None:
@@ -356,11 +353,10 @@ class GPT(nn.Module):
         self.packed_head = PackedLinear((w if self.lm_head is None else self.lm_head.weight).detach(), None)
         return self
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None, pad: Tensor | None = None,
-                last_only: bool = False, targets: Tensor | None = None, unigram: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | None = None, last_only: bool = False, targets: Tensor | None = None, unigram: Tensor | None = None) -> Tensor:
         """Logits [B, T or 1, vocab]; with `targets` [B, T], the mean training loss instead (sampled over
         the batch's own targets when given the `unigram` frequencies)."""
-        h = self.hidden_states(idx, cache, pad)
+        h = self.hidden_states(idx, cache)
         if targets is not None:
             return self.lm_loss(h, targets, unigram)
         return self.logits(h[:, -1:] if last_only else h)

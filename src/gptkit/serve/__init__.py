@@ -1,6 +1,6 @@
-"""Serving: an OpenAI-compatible HTTP API with continuous batching and a browser chat page."""
+"""Serving: an OpenAI-compatible HTTP API over the decoding engine, metrics, and a browser chat page."""
 
 from .app import create_app
-from .engine import Engine, Request
+from .runner import Runner
 
-__all__ = ["create_app", "Engine", "Request"]
+__all__ = ["create_app", "Runner"]

@@ -1,9 +1,15 @@
-"""OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, streaming, and a chat page."""
+"""OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, streaming, metrics, a chat page.
+
+Every field is validated here before a request reaches the engine; the engine runs in its own thread
+(`runner.py`) and reports through callbacks that hand events to the request's event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -12,24 +18,43 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import LM, GenerationError, SamplingParams
-from .engine import Engine
-from .engine import Request as EngineRequest
+from ..engine import LM, Engine, Output, row_seed
+from ..engine import Request as EngineRequest
+from ..generate import SEED_RANGE, GenerationError, SamplingParams
+from .metrics import Metrics
+from .runner import QueueFull, Runner
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
+log = logging.getLogger("gptkit.serve")
+
+
+def default_max_queue() -> int:
+    return max(64, 32 * (os.cpu_count() or 1))
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                 headers: dict | None = None):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def engine_error(e: Exception) -> APIError:
+    """An exception the engine thread reported for one request, as the HTTP error it becomes."""
+    if isinstance(e, TimeoutError):
+        return APIError(504, str(e), "timeout")
+    if isinstance(e, ConnectionAbortedError):
+        return APIError(503, str(e), "server_error")
+    return APIError(500, str(e), "server_error")
 
 
 class Sampling(BaseModel):
@@ -41,13 +66,45 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    user: str | None = None  # accepted, not used
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    # gptkit's own settings, as extra body fields
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    num_beams: int = 1
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("up to 4 non-empty stop strings")
+        return v
+
+    @field_validator("num_beams")
+    @classmethod
+    def _no_beams(cls, v):
+        if v != 1:
+            raise ValueError("beam search is not served (num_beams must be 1); use LM.generate or `gptkit generate`")
+        return v
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v):
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("an empty list is not a prompt")
+        return v
 
 
 class Message(BaseModel):
@@ -58,25 +115,30 @@ class Message(BaseModel):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: int = 16) -> FastAPI:
+def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: int = 16,
+               max_queue: int | None = None, request_timeout: float = 600) -> FastAPI:
     """The app serving `lm` as `model_name`. The engine thread starts with the app and stops with it."""
     state: dict = {}
+    tokenizer, context = lm.tokenizer, lm.model.config.context
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["engine"] = Engine(lm.model, lm.tokenizer, max_batch)
+        runner = Runner(Engine(lm.model, tokenizer, max_batch), max_queue or default_max_queue(), request_timeout)
+        state["runner"], state["engine"] = runner, runner.engine
+        state["metrics"] = Metrics(lambda: runner.queued, lambda: runner.running)
         yield
-        state["engine"].close()
+        runner.close()
 
     app = FastAPI(title="gptkit", description="OpenAI-compatible API for a gptkit checkpoint", lifespan=lifespan)
     app.state.runtime = state
-    context = lm.model.config.context
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -89,121 +151,202 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
+    expected_key = f"Bearer {api_key}".encode() if api_key else None
+
     @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(error_body("invalid or missing API key", "invalid_request_error",
-                                           code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    async def authorize_and_log(request: Request, call_next):
+        start = time.perf_counter()
+        given = request.headers.get("authorization", "").encode()
+        if expected_key and request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected_key):
+            response = JSONResponse(error_body("invalid or missing API key", "invalid_request_error",
+                                               code="invalid_api_key"), status_code=401)
+        else:
+            response = await call_next(request)
+        log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - start)
+        return response
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'",
                            param="model", code="model_not_found")
 
-    def params_for(body: Sampling, max_tokens: int, index: int, stop: tuple[str, ...]) -> SamplingParams:
+    def token_text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    def settings(body: Sampling, max_tokens: int, index: int, stop: tuple[str, ...], logprobs: int | None):
         user_stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  stop=user_stop + stop, seed=None if body.seed is None else body.seed + index)
+                                  top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                  stop=user_stop + stop, seed=row_seed(body.seed, index), logprobs=logprobs)
         except GenerationError as e:
             raise APIError(400, str(e)) from None
 
-    def submit(body: Sampling, prompt: list[int], max_tokens: int | None, stop: tuple[str, ...],
-               stop_ids: tuple[int, ...]) -> tuple[asyncio.Queue, list[EngineRequest]]:
-        if not prompt:
-            prompt = [lm.tokenizer.special.get("<|endoftext|>", 0)]
+    def budget(prompt: list[int], max_tokens: int | None, param: str) -> int:
         if len(prompt) >= context:
             raise APIError(400, f"prompt of {len(prompt)} tokens leaves no room in the model's context of "
-                                f"{context}", param="messages" if stop_ids else "prompt",
-                           code="context_length_exceeded")
+                                f"{context}", param=param, code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = context - len(prompt)
+            return context - len(prompt)
         if len(prompt) + max_tokens > context:
             raise APIError(400, f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} exceeds the model's "
                                 f"context of {context}", param="max_tokens", code="context_length_exceeded")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        requests = []
-        for i in range(body.n):
-            def emit(event, i=i):
-                loop.call_soon_threadsafe(events.put_nowait, (i, event))
-            req = EngineRequest(prompt, params_for(body, max_tokens, i, stop), emit, stop_ids)
-            requests.append(state["engine"].submit(req))
-        return events, requests
+        return max_tokens
 
-    async def run(kind: str, body: Sampling, prompt: list[int], max_tokens, stop=(), stop_ids=()):
-        events, requests = submit(body, prompt, max_tokens, stop, stop_ids)
+    def submit(body: Sampling, prompts: list[list[int]], max_tokens: int | None, param: str, stop: tuple[str, ...],
+               stop_ids: tuple[int, ...], logprobs: int | None) -> tuple[asyncio.Queue, list[EngineRequest]]:
+        """One engine request per prompt and sample (choice index = prompt * n + sample); all or none."""
+        jobs = []
+        for p, prompt in enumerate(prompts):
+            limit = budget(prompt, max_tokens, param)
+            for j in range(body.n):
+                index = p * body.n + j
+                jobs.append((index, EngineRequest(prompt, settings(body, limit, index, stop, logprobs), stop_ids)))
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        runner: Runner = state["runner"]
+        if not runner.alive:
+            raise APIError(503, "the decoding engine is not running", "server_error")
+        submitted = []
+        try:
+            for index, request in jobs:
+                def emit(event, index=index):
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                runner.submit(request, emit)
+                submitted.append(request)
+        except (QueueFull, GenerationError) as e:
+            for r in submitted:
+                r.cancelled = True
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
+                               code="queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(400, str(e), param=param) from None
+        return events, [r for _, r in jobs]
+
+    async def run(kind: str, http: Request, body: Sampling, prompts: list[list[int]], max_tokens: int | None,
+                  param: str, stop=(), stop_ids=(), logprobs: int | None = None, echo: list[str] | None = None):
+        metrics: Metrics = state["metrics"]
+        arrived = time.perf_counter()
+        events, requests = submit(body, prompts, max_tokens, param, stop, stop_ids, logprobs)
+        count = len(requests)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
+        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        last_seen = [None] * count
+        offsets = [len(echo[i // body.n]) if echo else 0 for i in range(count)]
 
         def usage(completion: int) -> dict:
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                    "total_tokens": len(prompt) + completion}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion}
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        def logprob_block(i: int, out: Output) -> dict | None:
+            lp = out.logprob
+            if lp is None:
+                return None
             if kind == "chat":
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""),
-                                          "created": created, "model": model_name, "choices": [choice]}) + "\n\n"
+                if lp.token in stop_ids:
+                    return {"content": []}
+                entry = lambda t, v: {"token": token_text(t), "logprob": v,  # noqa: E731
+                                      "bytes": list(token_text(t).encode())}
+                return {"content": [entry(lp.token, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}]}
+            text = token_text(lp.token)
+            block = {"tokens": [text], "token_logprobs": [lp.logprob],
+                     "top_logprobs": [{token_text(t): v for t, v in lp.top}], "text_offset": [offsets[i]]}
+            offsets[i] += len(text)
+            return block
 
-        async def events_until_done():
-            remaining = len(requests)
+        async def outputs():
+            """(choice index, Output) until every request is finished; an engine error raises APIError."""
+            remaining = count
             while remaining:
-                i, event = await events.get()
-                if "error" in event:
-                    raise APIError(500, event["error"], "server_error")
-                if "finish_reason" in event:
+                try:
+                    i, event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise asyncio.CancelledError from None
+                    continue
+                if isinstance(event, Exception):
+                    metrics.requests.labels(kind, "error").inc()
+                    raise engine_error(event)
+                now = time.perf_counter()
+                if last_seen[i] is None:
+                    metrics.ttft.observe(now - arrived)
+                else:
+                    metrics.token_latency.observe(now - last_seen[i])
+                last_seen[i] = now
+                metrics.generated_tokens.inc()
+                if event.finish_reason is not None:
                     remaining -= 1
                 yield i, event
+            metrics.requests.labels(kind, "finished").inc(count)
+            metrics.prompt_tokens.inc(prompt_tokens)
+
+        def chunk(i: int, text: str | None, finish: str | None, logprobs_=None, first: bool = False) -> str:
+            if kind == "chat":
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": logprobs_, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": logprobs_, "finish_reason": finish}
+            return sse({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                        "model": model_name, "choices": [choice]})
 
         if body.stream:
             async def stream():
+                used = 0
                 try:
-                    if kind == "chat":
-                        for i in range(body.n):
-                            yield chunk(i, None, None, first=True)
-                    used = 0
-                    async for i, event in events_until_done():
-                        yield chunk(i, event.get("text"), event.get("finish_reason"))
-                        used += event.get("completion_tokens", 0)
+                    for i in range(count):
+                        if kind == "chat" or echo:
+                            yield chunk(i, echo[i // body.n] if echo else None, None, first=True)
+                    async for i, out in outputs():
+                        used += 1
+                        yield chunk(i, out.text, out.finish_reason, logprob_block(i, out))
                     if (body.stream_options or {}).get("include_usage"):
-                        yield "data: " + json.dumps({
-                            "id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                            "model": model_name, "choices": [], "usage": usage(used)}) + "\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:  # the client went away (or we are done): free the slots
+                        yield sse({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
+                                   "model": model_name, "choices": [], "usage": usage(used)})
+                except APIError as e:
+                    yield sse(error_body(e.message, e.type, e.param, e.code))
+                finally:  # done, failed, or the client went away: free the rows
                     for r in requests:
                         r.cancelled = True
+                yield "data: [DONE]\n\n"
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        texts, finish, used = [""] * body.n, [None] * body.n, 0
+        texts = [echo[i // body.n] if echo else "" for i in range(count)]
+        finish, used = [None] * count, 0
+        blocks: list[dict | None] = [None] * count
         try:
-            async for i, event in events_until_done():
-                texts[i] += event.get("text", "")
-                if "finish_reason" in event:
-                    finish[i], used = event["finish_reason"], used + event["completion_tokens"]
+            async for i, out in outputs():
+                texts[i] += out.text
+                used += 1
+                block = logprob_block(i, out)
+                if block is not None:
+                    blocks[i] = block if blocks[i] is None else {k: blocks[i][k] + block[k] for k in block}
+                if out.finish_reason is not None:
+                    finish[i] = out.finish_reason
         finally:
             for r in requests:
                 r.cancelled = True
         if kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finish))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": b, "finish_reason": f}
+                       for i, (t, b, f) in enumerate(zip(texts, blocks, finish))]
         else:
-            choices = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
-                       for i, (t, f) in enumerate(zip(texts, finish))]
+            choices = [{"index": i, "text": t, "logprobs": b, "finish_reason": f}
+                       for i, (t, b, f) in enumerate(zip(texts, blocks, finish))]
         return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                 "usage": usage(used)}
 
     @app.get("/health")
     async def health():
-        engine = state.get("engine")
-        return {"status": "ok", "model": model_name, "running": len(engine.slots) if engine else 0}
+        runner: Runner | None = state.get("runner")
+        if runner is None or not runner.alive:
+            return JSONResponse({"status": "unavailable", "model": model_name}, status_code=503)
+        return {"status": "ok", "model": model_name, "running": runner.running, "queued": runner.queued}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(state["metrics"].render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -211,19 +354,36 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
                                             "max_model_len": context}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         check_model(body.model)
-        return await run("text", body, lm.encode_prompt(body.prompt), body.max_tokens)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        raw = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        prompts = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in raw]
+        for p in prompts:
+            if not all(0 <= t < tokenizer.vocab_size for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in raw] if body.echo else None
+        return await run("text", http, body, prompts, body.max_tokens, "prompt", stop_ids=lm.stop_ids(),
+                         logprobs=body.logprobs, echo=echo)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, http: Request):
         check_model(body.model)
-        prompt = lm.tokenizer.encode_chat([m.model_dump() for m in body.messages])
-        stop, stop_ids = lm.tokenizer.chat_stops()
-        return await run("chat", body, prompt, body.max_completion_tokens or body.max_tokens, stop, stop_ids)
+        prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
+        stop, stop_ids = tokenizer.chat_stops()
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return await run("chat", http, body, [prompt], body.max_completion_tokens or body.max_tokens, "messages",
+                         stop, stop_ids, logprobs)
 
     @app.get("/", include_in_schema=False)
     async def page():
         return FileResponse(PAGE, media_type="text/html")
 
     return app
+
+
+def sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj) + "\n\n"
