@@ -117,3 +117,79 @@ def test_beam_search_scores_at_least_greedy():
 def test_beam_search_through_the_api(lm):
     out = lm.generate("The quick", max_new_tokens=10, num_beams=3)
     assert isinstance(out, str) and out == lm.generate("The quick", max_new_tokens=10, num_beams=3)
+
+
+def test_detokenizer_decodes_a_bounded_window_per_token(bpe):
+    """O(new tokens) per token, not the whole sequence again: each decode call sees a few tokens."""
+    text = "The quick brown fox jumps over the lazy dog. Ünïcödé 中文 🙂 " * 20
+    seen = []
+
+    class Counting:
+        special_by_id = bpe.special_by_id
+
+        def decode(self, ids):
+            seen.append(len(ids))
+            return bpe.decode(ids)
+
+    det = Detokenizer(Counting())
+    ids = bpe.encode(text)
+    assert "".join(det.push(t) for t in ids) + det.finish("length") == text
+    assert len(ids) > 300 and max(seen) <= 8
+
+
+def test_detokenizer_hides_special_tokens_and_stops_at_stop_ids(bpe):
+    end = bpe.special["<|im_end|>"]
+    det = Detokenizer(bpe, stop_ids=(bpe.eot_id,))
+    pieces = [det.push(t) for t in bpe.encode("ab") + [end] + bpe.encode("cd") + [bpe.eot_id] + bpe.encode("ef")]
+    assert "".join(pieces) == "abcd" and det.finish_reason == "stop"
+
+
+def test_engine_refuses_what_it_cannot_honour(lm):
+    from gptkit.engine import Engine, Request
+
+    engine = Engine(lm.model, lm.tokenizer, max_batch=2)
+    with pytest.raises(GenerationError, match="beam search"):
+        engine.add(Request([1, 2], SamplingParams(num_beams=2)))
+    with pytest.raises(GenerationError, match="token ids"):
+        engine.add(Request([10**6], SamplingParams()))
+    with pytest.raises(GenerationError, match="context"):
+        engine.add(Request([1] * 60, SamplingParams(max_new_tokens=10)))
+
+
+@pytest.mark.parametrize("bad", [dict(seed=1 << 64), dict(seed=-(1 << 63) - 1), dict(presence_penalty=2.5),
+                                 dict(frequency_penalty=-3), dict(logprobs=21)])
+def test_invalid_openai_style_settings(bad):
+    with pytest.raises(GenerationError):
+        SamplingParams(**bad)
+
+
+def test_the_library_stops_at_endoftext(lm):
+    from gptkit.engine import generate_tokens
+
+    ids = generate_tokens(lm.model, [lm.encode_prompt("x")], SamplingParams(max_new_tokens=30, temperature=0))[0]
+    stop_at = ids[5]  # pretend this token is the end of the document
+    out = generate_tokens(lm.model, [lm.encode_prompt("x")], SamplingParams(max_new_tokens=30, temperature=0),
+                          stop_ids=(stop_at,))[0]
+    assert out == ids[:ids.index(stop_at) + 1]
+
+
+def test_stream_checks_the_prompt_before_anything_is_produced(lm):
+    with pytest.raises(GenerationError, match="context"):
+        lm.stream("word " * 100, max_new_tokens=5)  # raised by the call, not at the first piece
+
+
+def test_chat_refuses_a_message_longer_than_the_context(lm):
+    from gptkit.chat import ChatSession
+
+    session = ChatSession(lm, max_new_tokens=8, temperature=0)
+    with pytest.raises(GenerationError, match="does not fit"):
+        session.send("word " * 100)
+    assert session.messages == []
+    assert isinstance("".join(session.send("hi")), str) and len(session.messages) == 2
+
+
+def test_chat_checks_its_settings_when_created(lm):
+    from gptkit.chat import ChatSession
+
+    with pytest.raises(GenerationError, match="temperature"):
+        ChatSession(lm, temperature=-1)

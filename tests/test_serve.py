@@ -162,3 +162,181 @@ def test_stream_usage_when_asked(client):
     chunks = sse(client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 7, "stream": True,
                                                       "temperature": 0, "stream_options": {"include_usage": True}}))
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 7
+
+
+# --- regressions: faults and OpenAI parameters -------------------------------------------------------------
+def completion(client, **fields):
+    return client.post("/v1/completions", json={"model": "tiny", "prompt": "The quick", "max_tokens": 5} | fields)
+
+
+@pytest.mark.parametrize("seed, n", [(99999999999999999999999, 1), (-(1 << 63) - 1, 1), (1e23, 1)])
+def test_seed_beyond_64_bits_is_refused_and_the_engine_keeps_serving(client, seed, n):
+    r = completion(client, seed=seed, n=n)
+    assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+    assert completion(client).status_code == 200
+
+
+def test_seed_near_2_64_with_n_wraps_instead_of_overflowing(client):
+    r = completion(client, seed=(1 << 64) - 1, n=3)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    assert completion(client).status_code == 200
+
+
+def emitting(ckpt, token: int):
+    """The checkpoint's model rewired so that `token` is always the most likely next token."""
+    lm = gptkit.load(ckpt)
+    model = GPT(lm.model.config.__class__(**lm.model.config.to_dict() | {"tie_embeddings": False})).eval()
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.copy_(torch.randn(model.config.n_embd))  # every final hidden state is this vector
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = model.norm_f.bias
+    return gptkit.LM(model, lm.tokenizer)
+
+
+def test_completion_stops_at_endoftext(tiny_ckpt):
+    lm = gptkit.load(tiny_ckpt)
+    with TestClient(create_app(emitting(tiny_ckpt, lm.tokenizer.eot_id), "tiny")) as c:
+        body = completion(c, max_tokens=20).json()
+        assert body["choices"][0] == {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+        assert body["usage"]["completion_tokens"] == 1
+        chunks = sse(completion(c, max_tokens=20, stream=True))
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_raw_completions_never_print_special_tokens(tiny_ckpt):
+    lm = gptkit.load(tiny_ckpt)
+    with TestClient(create_app(emitting(tiny_ckpt, lm.tokenizer.special["<|im_end|>"]), "tiny")) as c:
+        choice = completion(c, max_tokens=6).json()["choices"][0]
+        assert choice["text"] == "" and choice["finish_reason"] == "length"
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(client, monkeypatch):
+    engine = client.app.state.runtime["engine"]
+    real, calls = engine._sample, []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected device error")
+        return real()
+
+    monkeypatch.setattr(engine, "_sample", flaky)
+    r = completion(client)
+    assert r.status_code == 500 and r.json()["error"] == {
+        "message": "decoding failed: injected device error", "type": "server_error", "param": None, "code": None}
+    assert completion(client).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after(lm, monkeypatch):
+    app = create_app(lm, "tiny", max_batch=1, max_queue=1)
+    gate, entered = threading.Event(), threading.Event()
+    with TestClient(app) as c:
+        engine = app.state.runtime["engine"]
+        real = engine.step
+
+        def held():
+            if engine.has_work():
+                entered.set()
+                gate.wait(10)
+            return real()
+
+        monkeypatch.setattr(engine, "step", held)
+        statuses = []
+        first = threading.Thread(target=lambda: statuses.append(completion(c).status_code))
+        first.start()
+        assert entered.wait(10)  # the first request holds the only row
+        second = threading.Thread(target=lambda: statuses.append(completion(c).status_code))
+        second.start()
+        for _ in range(100):  # the second waits in the queue
+            if app.state.runtime["runner"].inbox.qsize():
+                break
+            threading.Event().wait(0.02)
+        r = completion(c)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        gate.set()
+        first.join(), second.join()
+        assert statuses == [200, 200]
+
+
+def test_request_timeout_answers_504(lm):
+    with TestClient(create_app(lm, "tiny", request_timeout=0)) as c:
+        r = completion(c, max_tokens=40)
+        assert r.status_code == 504 and "limit" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 200
+
+
+def test_health_reports_a_stopped_engine(lm):
+    app = create_app(lm, "tiny")
+    with TestClient(app) as c:
+        app.state.runtime["runner"].close()
+        assert c.get("/health").status_code == 503
+        assert completion(c).status_code == 503
+
+
+def test_library_chat_and_server_give_the_same_greedy_text(client, lm):
+    from gptkit.chat import ChatSession
+
+    server = completion(client, prompt="def add", max_tokens=12, temperature=0).json()["choices"][0]["text"]
+    assert server == lm.generate("def add", max_new_tokens=12, temperature=0)
+    reply = "".join(ChatSession(lm, max_new_tokens=12, temperature=0, top_p=None).send("hello"))
+    chat = client.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 12, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "hello"}]}).json()
+    assert chat["choices"][0]["message"]["content"] == reply
+
+
+def test_logprobs_equal_log_softmax_of_the_model_logits(client, lm):
+    prompt = lm.tokenizer.encode("def add")
+    body = completion(client, prompt=prompt, max_tokens=6, temperature=0, logprobs=3).json()
+    got = body["choices"][0]["logprobs"]
+    ids = generate_tokens(lm.model, [prompt], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    with torch.no_grad():
+        expected = lm.model(torch.tensor([prompt + ids]))[0, len(prompt) - 1:-1].log_softmax(-1)
+    want = expected.gather(1, torch.tensor(ids)[:, None]).squeeze(1).tolist()
+    assert got["tokens"] == [lm.tokenizer.decode([t]) for t in ids]
+    assert got["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    assert all(len(top) <= 3 and max(top.values()) >= lp - 1e-5 for top, lp in zip(got["top_logprobs"], want))
+    chat = client.post("/v1/chat/completions", json={
+        "model": "tiny", "max_tokens": 4, "logprobs": True, "top_logprobs": 2,
+        "messages": [{"role": "user", "content": "hi"}]}).json()["choices"][0]["logprobs"]["content"]
+    assert chat and all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 for c in chat)
+
+
+def test_prompt_lists_token_ids_and_echo(client, lm):
+    one = completion(client, prompt="The quick", temperature=0).json()["choices"][0]["text"]
+    ids = lm.tokenizer.encode("The quick")
+    many = completion(client, prompt=["The quick", "def"], n=2, temperature=0).json()["choices"]
+    assert [c["index"] for c in many] == [0, 1, 2, 3] and many[0]["text"] == many[1]["text"] == one
+    assert completion(client, prompt=ids, temperature=0).json()["choices"][0]["text"] == one
+    assert completion(client, prompt=[ids], temperature=0).json()["choices"][0]["text"] == one
+    echoed = completion(client, prompt="The quick", temperature=0, echo=True).json()["choices"][0]["text"]
+    assert echoed == "The quick" + one
+    for bad in ([], [[]], [10**9], [-1]):
+        assert completion(client, prompt=bad).status_code == 400
+
+
+@pytest.mark.parametrize("fields, fragment", [({"num_beams": 3}, "beam search"), ({"presence_penalty": 3}, "presence"),
+                                               ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"top_k": 0}, "top_k")])
+def test_settings_the_server_cannot_honour_are_refused(client, fields, fragment):
+    r = completion(client, **fields)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"]
+
+
+def test_penalties_and_extra_settings_are_applied(client, lm):
+    plain = completion(client, prompt="def", max_tokens=20, temperature=0).json()["choices"][0]["text"]
+    for extra in ({"frequency_penalty": 2}, {"presence_penalty": 2}, {"repetition_penalty": 5.0}):
+        text = completion(client, prompt="def", max_tokens=20, temperature=0, **extra).json()["choices"][0]["text"]
+        assert text == lm.generate("def", max_new_tokens=20, temperature=0, **extra)
+        assert text != plain
+
+
+def test_metrics_in_prometheus_format(client):
+    completion(client, max_tokens=4, temperature=0)
+    text = client.get("/metrics").text
+    for name in ("gptkit_requests_total", "gptkit_generated_tokens_total", "gptkit_queue_depth",
+                 "gptkit_running_rows", "gptkit_time_to_first_token_seconds_bucket",
+                 "gptkit_time_per_output_token_seconds_bucket"):
+        assert name in text
+    assert 'gptkit_requests_total{endpoint="text",outcome="finished"} 1.0' in text

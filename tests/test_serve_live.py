@@ -99,3 +99,51 @@ def test_chat_page_shows_errors(server):
         page.wait_for_selector("#error", state="visible", timeout=15_000)
         assert "API key" in page.inner_text("#error")
         browser.close()
+
+
+def test_sigterm_stops_a_server_with_requests_in_flight(tmp_path, bpe):
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from gptkit import GPT, checkpoint, preset
+
+    checkpoint.save(tmp_path / "ckpt", GPT(preset("tiny-gpt2", vocab_size=bpe.vocab_size)), bpe)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(tmp_path / "ckpt"), "--port", str(port),
+                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        started = threading.Event()
+
+        def stream():
+            body = {"model": "tiny", "prompt": "x", "max_tokens": 250, "stream": True, "n": 16}
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                    for _ in r.iter_lines():
+                        started.set()
+            except httpx.HTTPError:
+                pass
+
+        clients = [threading.Thread(target=stream, daemon=True) for _ in range(4)]
+        for t in clients:
+            t.start()
+        assert started.wait(30)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert "Traceback" not in output, output

@@ -110,11 +110,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     import gptkit
 
-    from .serve import create_app
+    from .serve import create_app, run_server
 
     import logging
 
@@ -130,8 +128,8 @@ def cmd_serve(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request
     print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, metrics at /metrics, "
           f"docs at /docs)", flush=True)
-    # On SIGINT/SIGTERM, open streams get a few seconds to finish; then they are cancelled and the engine stops.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    run_server(app, args.host, args.port)
+    print("stopped", flush=True)
 
 
 TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),

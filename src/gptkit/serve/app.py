@@ -387,3 +387,20 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
 
 def sse(obj: dict) -> str:
     return "data: " + json.dumps(obj) + "\n\n"
+
+
+def run_server(app: FastAPI, host: str, port: int, grace: float = 3) -> None:
+    """Serve until SIGINT/SIGTERM, then stop the engine: running and queued requests end with an error
+    (streams get an error event), and the process exits 0 (a signal is how a server is meant to stop).
+    Connections still open after `grace` seconds are cancelled."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # uvicorn would re-raise the signal after shutting down
+            runner = app.state.runtime.get("runner")
+            if runner is not None:
+                runner.stop()
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace)).run()

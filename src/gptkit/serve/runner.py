@@ -55,19 +55,28 @@ class Runner:
         except queue.Full:
             raise QueueFull(f"{self.inbox.maxsize} requests are already waiting") from None
 
-    def close(self, timeout: float = 10) -> None:
-        """Stop the thread; requests still running or queued get an error."""
+    def stop(self) -> None:
+        """Ask the thread to stop after its current step (returns at once)."""
         self._stop.set()
+
+    def close(self, timeout: float = 10) -> None:
+        self.stop()
         self._thread.join(timeout)
-        while not self.inbox.empty():
-            job = self.inbox.get_nowait()
-            self.jobs[job.request.id] = job
-        for job in list(self.jobs.values()):
-            self._send(job, ConnectionAbortedError("the server is shutting down"))
-        self.jobs.clear()
 
     # --- the engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # requests still running or queued get an error, whatever ended the loop
+            self._stop.set()
+            while not self.inbox.empty():
+                job = self.inbox.get_nowait()
+                self.jobs[job.request.id] = job
+            for job in list(self.jobs.values()):
+                self._send(job, ConnectionAbortedError("the server is shutting down"))
+            self.jobs.clear()
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             self._take()
             self._expire()
