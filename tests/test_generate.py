@@ -193,3 +193,10 @@ def test_chat_checks_its_settings_when_created(lm):
 
     with pytest.raises(GenerationError, match="temperature"):
         ChatSession(lm, temperature=-1)
+
+
+def test_sampling_follows_the_softmax_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    got = torch.bincount(sample(logits, generator=torch.Generator().manual_seed(0)), minlength=5) / 20000
+    torch.testing.assert_close(got, logits[0].softmax(-1), atol=0.01, rtol=0)
+    assert got[4] == 0

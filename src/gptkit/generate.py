@@ -80,7 +80,11 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keeps the token that crosses top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row (multinomial draws one per vocabulary entry, which
+    # dominates a small model's decode step). side="right" never lands on a token of probability 0.
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:

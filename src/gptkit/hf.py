@@ -182,7 +182,9 @@ def convert_to_hf(src: Path, out: Path) -> Path:
     c = model.config
     t = _architecture(c)
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(c.activation)
-    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings)
+    eot_id = tokenizer.special.get(EOT) if tokenizer is not None else None  # never a default id past the vocabulary
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings, bos_token_id=eot_id,
+                  eos_token_id=eot_id, pad_token_id=None)
     if t == "llama":
         hf_config = transformers.LlamaConfig(
             **common, hidden_size=c.n_embd, intermediate_size=c.hidden, num_hidden_layers=c.n_layer,

@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -127,7 +128,9 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runner = Runner(Engine(lm.model, tokenizer, max_batch), max_queue or default_max_queue(), request_timeout)
+        state["mailroom"] = mailroom = Mailroom()
+        runner = Runner(Engine(lm.model, tokenizer, max_batch), max_queue or default_max_queue(), request_timeout,
+                        after_step=mailroom.deliver)
         state["runner"], state["engine"] = runner, runner.engine
         state["metrics"] = Metrics(lambda: runner.queued, lambda: runner.running)
         yield
@@ -151,19 +154,7 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     async def http_error(_, e: StarletteHTTPException):
         return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
-    expected_key = f"Bearer {api_key}".encode() if api_key else None
-
-    @app.middleware("http")
-    async def authorize_and_log(request: Request, call_next):
-        start = time.perf_counter()
-        given = request.headers.get("authorization", "").encode()
-        if expected_key and request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected_key):
-            response = JSONResponse(error_body("invalid or missing API key", "invalid_request_error",
-                                               code="invalid_api_key"), status_code=401)
-        else:
-            response = await call_next(request)
-        log.info("%s %s %d %.3fs", request.method, request.url.path, response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(AuthAndLog, api_key=api_key)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -195,7 +186,7 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
         return max_tokens
 
     def submit(body: Sampling, prompts: list[list[int]], max_tokens: int | None, param: str, stop: tuple[str, ...],
-               stop_ids: tuple[int, ...], logprobs: int | None) -> tuple[asyncio.Queue, list[EngineRequest]]:
+               stop_ids: tuple[int, ...], logprobs: int | None) -> tuple[Inbox, list[EngineRequest]]:
         """One engine request per prompt and sample (choice index = prompt * n + sample); all or none."""
         jobs = []
         for p, prompt in enumerate(prompts):
@@ -203,16 +194,14 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
             for j in range(body.n):
                 index = p * body.n + j
                 jobs.append((index, EngineRequest(prompt, settings(body, limit, index, stop, logprobs), stop_ids)))
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        events = Inbox(state["mailroom"], asyncio.get_running_loop())
         runner: Runner = state["runner"]
         if not runner.alive:
             raise APIError(503, "the decoding engine is not running", "server_error")
         submitted = []
         try:
             for index, request in jobs:
-                def emit(event, index=index):
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
-                runner.submit(request, emit)
+                runner.submit(request, lambda event, index=index: events.put((index, event)))
                 submitted.append(request)
         except (QueueFull, GenerationError) as e:
             for r in submitted:
@@ -227,7 +216,7 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
                   param: str, stop=(), stop_ids=(), logprobs: int | None = None, echo: list[str] | None = None):
         metrics: Metrics = state["metrics"]
         arrived = time.perf_counter()
-        events, requests = submit(body, prompts, max_tokens, param, stop, stop_ids, logprobs)
+        events_, requests = submit(body, prompts, max_tokens, param, stop, stop_ids, logprobs)
         count = len(requests)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -256,29 +245,36 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
             offsets[i] += len(text)
             return block
 
-        async def outputs():
-            """(choice index, Output) until every request is finished; an engine error raises APIError."""
+        def merge(a: dict | None, b: dict | None) -> dict | None:
+            return b if a is None else a if b is None else {k: a[k] + b[k] for k in a}
+
+        async def batches():
+            """Per wake-up, what each choice got since the last one: {index: (text, finish, logprobs, tokens)}
+            (under load a stream's tokens pile up and go out as one chunk). An engine error raises APIError."""
             remaining = count
             while remaining:
                 try:
-                    i, event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    events = await events_.get_all(timeout=1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         raise asyncio.CancelledError from None
                     continue
-                if isinstance(event, Exception):
-                    metrics.requests.labels(kind, "error").inc()
-                    raise engine_error(event)
+                batch: dict[int, tuple] = {}
                 now = time.perf_counter()
-                if last_seen[i] is None:
-                    metrics.ttft.observe(now - arrived)
-                else:
-                    metrics.token_latency.observe(now - last_seen[i])
-                last_seen[i] = now
-                metrics.generated_tokens.inc()
-                if event.finish_reason is not None:
-                    remaining -= 1
-                yield i, event
+                for i, event in events:
+                    if isinstance(event, Exception):
+                        metrics.requests.labels(kind, "error").inc()
+                        raise engine_error(event)
+                    if last_seen[i] is None:
+                        metrics.ttft.observe(now - arrived)
+                    else:
+                        metrics.token_latency.observe(now - last_seen[i])
+                    last_seen[i] = now
+                    text, _, block, tokens = batch.get(i, ("", None, None, 0))
+                    batch[i] = (text + event.text, event.finish_reason, merge(block, logprob_block(i, event)), tokens + 1)
+                    remaining -= event.finish_reason is not None
+                metrics.generated_tokens.inc(len(events))
+                yield batch
             metrics.requests.labels(kind, "finished").inc(count)
             metrics.prompt_tokens.inc(prompt_tokens)
 
@@ -298,9 +294,9 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
                     for i in range(count):
                         if kind == "chat" or echo:
                             yield chunk(i, echo[i // body.n] if echo else None, None, first=True)
-                    async for i, out in outputs():
-                        used += 1
-                        yield chunk(i, out.text, out.finish_reason, logprob_block(i, out))
+                    async for batch in batches():
+                        used += sum(b[3] for b in batch.values())
+                        yield "".join(chunk(i, text, finish, block) for i, (text, finish, block, _) in batch.items())
                     if (body.stream_options or {}).get("include_usage"):
                         yield sse({"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
                                    "model": model_name, "choices": [], "usage": usage(used)})
@@ -317,14 +313,12 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
         finish, used = [None] * count, 0
         blocks: list[dict | None] = [None] * count
         try:
-            async for i, out in outputs():
-                texts[i] += out.text
-                used += 1
-                block = logprob_block(i, out)
-                if block is not None:
-                    blocks[i] = block if blocks[i] is None else {k: blocks[i][k] + block[k] for k in block}
-                if out.finish_reason is not None:
-                    finish[i] = out.finish_reason
+            async for batch in batches():
+                for i, (text, reason, block, tokens) in batch.items():
+                    texts[i] += text
+                    used += tokens
+                    blocks[i] = merge(blocks[i], block)
+                    finish[i] = reason
         finally:
             for r in requests:
                 r.cancelled = True
@@ -383,6 +377,77 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
         return FileResponse(PAGE, media_type="text/html")
 
     return app
+
+
+class AuthAndLog:
+    """ASGI middleware: the API key on /v1 (compared in constant time), and one log line per request. Plain
+    ASGI rather than Starlette's BaseHTTPMiddleware, which costs a task and a stream per streamed chunk."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path = time.perf_counter(), scope["path"]
+
+        async def logged(message):
+            if message["type"] == "http.response.start":
+                log.info("%s %s %d %.3fs", scope["method"], path, message["status"], time.perf_counter() - start)
+            await send(message)
+
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if self.expected and path.startswith("/v1/") and not hmac.compare_digest(given, self.expected):
+            response = JSONResponse(error_body("invalid or missing API key", "invalid_request_error",
+                                               code="invalid_api_key"), status_code=401)
+            return await response(scope, receive, logged)
+        await self.app(scope, receive, logged)
+
+
+class Inbox:
+    """Events from the engine thread to one HTTP handler. The engine thread only appends; once per step
+    `Mailroom.deliver` wakes every handler with news in one call per event loop (not one per token), and
+    the handler takes everything that arrived meanwhile."""
+
+    def __init__(self, mailroom: Mailroom, loop: asyncio.AbstractEventLoop):
+        self.mailroom, self.loop, self.items, self.ready = mailroom, loop, [], asyncio.Event()
+
+    def put(self, item) -> None:  # engine thread
+        self.mailroom.post(self, item)
+
+    async def get_all(self, timeout: float) -> list:
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        with self.mailroom.lock:
+            items, self.items = self.items, []
+            self.ready.clear()
+        return items
+
+
+class Mailroom:
+    def __init__(self):
+        self.lock, self.news = threading.Lock(), set()
+
+    def post(self, inbox: Inbox, item) -> None:
+        with self.lock:
+            inbox.items.append(item)
+            self.news.add(inbox)
+
+    def deliver(self) -> None:  # engine thread, after each step
+        with self.lock:
+            news, self.news = self.news, set()
+        loops: dict[asyncio.AbstractEventLoop, list[Inbox]] = {}
+        for inbox in news:
+            loops.setdefault(inbox.loop, []).append(inbox)
+        for loop, inboxes in loops.items():
+            try:
+                loop.call_soon_threadsafe(_wake, inboxes)
+            except RuntimeError:  # that loop is closed: its handlers are gone
+                pass
+
+
+def _wake(inboxes: list[Inbox]) -> None:
+    for inbox in inboxes:
+        inbox.ready.set()
 
 
 def sse(obj: dict) -> str:

@@ -27,8 +27,9 @@ class Job:
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_queue: int, timeout: float):
-        self.engine, self.timeout = engine, timeout
+    def __init__(self, engine: Engine, max_queue: int, timeout: float, after_step: Callable[[], None] = lambda: None):
+        """`after_step` runs in the engine thread after each round of events (to wake their receivers at once)."""
+        self.engine, self.timeout, self.after_step = engine, timeout, after_step
         self.inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.jobs: dict[int, Job] = {}  # taken from the inbox, not finished (engine thread only)
         self._stop = threading.Event()
@@ -75,6 +76,7 @@ class Runner:
             for job in list(self.jobs.values()):
                 self._send(job, ConnectionAbortedError("the server is shutting down"))
             self.jobs.clear()
+            self.after_step()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -84,14 +86,15 @@ class Runner:
                 outputs = self.engine.step()
             except Exception as e:  # out of memory, a device error, a bug: fail this step's requests only
                 log.exception("decoding step failed")
+                outputs = []
                 for request in self.engine.abort():
                     self._send(self.jobs.pop(request.id, None), RuntimeError(f"decoding failed: {e}"))
-                continue
             for out in outputs:
                 job = self.jobs.get(out.request.id)
                 if out.finish_reason is not None:
                     self.jobs.pop(out.request.id, None)
                 self._send(job, out)
+            self.after_step()
 
     def _take(self) -> None:
         """Move queued requests into the engine while it has free rows; sleep briefly when there is no work."""
