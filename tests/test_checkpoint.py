@@ -49,7 +49,7 @@ def test_failed_write_keeps_previous_files(tiny_ckpt):
         path.write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.DiskFullError, match="the disk is full"):
         checkpoint.write_atomically(tiny_ckpt, {"model.safetensors": disk_full})
     assert (tiny_ckpt / "model.safetensors").read_bytes() == before
     assert not [p for p in tiny_ckpt.iterdir() if p.name.endswith(".tmp")]
@@ -62,3 +62,70 @@ def test_rope_model_loads_with_its_tables(tmp_path):
     ids = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_full_disk_in_any_library_words_is_named(tiny_ckpt):
+    from safetensors import SafetensorError
+
+    for error in (SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  "message: \"No space left on device\" })"),
+                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")):
+        def full(path, error=error):
+            raise error
+
+        with pytest.raises(checkpoint.DiskFullError, match=f"the disk is full: could not write config.json in {tiny_ckpt}"):
+            checkpoint.write_atomically(tiny_ckpt, {"config.json": full})
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tiny_ckpt):
+    stale = [tiny_ckpt / ".model.safetensors.k1ll3d.tmp", tiny_ckpt / ".config.json.x.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    unrelated = tiny_ckpt / ".notes.txt.tmp"
+    unrelated.write_text("mine")
+    checkpoint.save(tiny_ckpt, checkpoint.load_model(tiny_ckpt))
+    assert not any(p.exists() for p in stale) and unrelated.exists()
+
+
+def test_files_are_created_with_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        checkpoint.save(tmp_path / "c", GPT(preset("tiny-gpt2", vocab_size=20, context=16)))
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir()} == {
+        "config.json": "0o644", "model.safetensors": "0o644"}
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_at_load(tiny_ckpt, tmp_path):
+    from gptkit import Tokenizer
+
+    big = Tokenizer.char("".join(chr(c) for c in range(0x100, 0x100 + 919)))
+    (tiny_ckpt / "tokenizer.json").unlink()
+    big.save(tiny_ckpt)
+    with pytest.raises(CheckpointError, match="the tokenizer has 920 tokens but the model only"):
+        load(tiny_ckpt)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: {k: v for k, v in d.items() if k != "n_layer"}, "missing config field(s): n_layer"),
+    (lambda d: [1, 2], "must be a JSON object"),
+    (lambda d: d | {"n_head": "four"}, "n_head must be an integer"),
+    (lambda d: d | {"dropout": None}, "dropout must be a number"),
+])
+def test_a_config_with_a_missing_or_ill_typed_field_is_named(tiny_ckpt, edit, message):
+    import json
+
+    path = tiny_ckpt / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(tiny_ckpt)
+
+
+def test_a_device_this_torch_lacks_is_one_line(tiny_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CheckpointError, match="no CUDA GPU"):
+        load(tiny_ckpt, device="cuda")

@@ -32,7 +32,7 @@ def test_generate_streams_to_stdout(capsys, tiny_ckpt):
     (["generate", "CKPT", "--prompt", "x", "--temperature", "-1"], "temperature must be"),
     (["generate", "CKPT", "--prompt", "x", "--top-p", "1.5"], "top_p must be in"),
     (["generate", "CKPT", "--prompt", "x " * 200], "exceeds the model's context"),
-    (["convert", "--from-hf", "/nonexistent", "--out", "/tmp/x"], "cannot read a transformers config"),
+    (["convert", "--from-hf", "/nonexistent", "--out", "/tmp/x"], "no such directory"),
 ])
 def test_bad_input_gives_one_line_and_exit_1(capsys, tiny_ckpt, argv, message):
     code, _, err = run(capsys, *[str(tiny_ckpt) if a == "CKPT" else a for a in argv])
@@ -44,3 +44,93 @@ def test_corrupt_checkpoint(capsys, tiny_ckpt):
     (tiny_ckpt / "config.json").write_text("{broken")
     code, _, err = run(capsys, "generate", tiny_ckpt, "--prompt", "x")
     assert code == 1 and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--max-steps", "1", "model.n_layer=abc"], "n_layer must be an integer, got 'abc'"),
+    (["train", "--max-steps", "1", "model.n_layer=2.5"], "n_layer must be an integer, got 2.5"),
+    (["train", "--max-steps", "1", "model.dropout=abc"], "dropout must be a number, got 'abc'"),
+    (["generate", "CKPT", "--prompt", "x", "--seed", str(10**23)], "seed must be an integer that fits in 64 bits"),
+    (["generate", "CKPT", "--prompt", "x", "--num-samples", "0"], "--num-samples must be at least 1"),
+    (["eval", "CKPT", "--task", "ppl", "--data", "CKPT/config.json", "--stride", "0"], "stride must be in"),
+    (["convert", "--from-hf", "./no/such/model", "--out", "/tmp/x"], "no such directory: ./no/such/model"),
+])
+def test_more_bad_input_is_one_line(capsys, tiny_ckpt, argv, message):
+    code, out, err = run(capsys, *[a.replace("CKPT", str(tiny_ckpt)) for a in argv])
+    assert code == 1 and message in err and err.count("\n") == 1, err
+    assert out == ""  # nothing printed before the error (a too-long prompt is not echoed)
+
+
+def test_device_the_machine_lacks(capsys, tiny_ckpt):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, "generate", tiny_ckpt, "--prompt", "x", "--device", "cuda")
+    assert code == 1 and "no CUDA GPU" in err and err.count("\n") == 1
+
+
+def test_too_long_prompt_is_not_printed_before_the_error(capsys, tiny_ckpt):
+    code, out, err = run(capsys, "generate", tiny_ckpt, "--prompt", "x " * 200)
+    assert code == 1 and out == "" and "exceeds the model's context" in err
+
+
+def test_help_shows_defaults_presets_and_recipe_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(default: 200)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tiny-modern" in text and "gpt2-medium" in text and "batch_size=16" in text and "warmup_steps=100" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("gptkit ")
+
+
+def test_prepare_with_a_bad_setting_leaves_nothing(capsys, tmp_path):
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    code, _, err = run(capsys, "prepare", "--text", tmp_path / "t.txt", "--vocab-size", "10", "--out", tmp_path / "d")
+    assert code == 1 and err.count("\n") == 1 and not (tmp_path / "d").exists()
+
+
+def sentiment_file(path, n=20):
+    path.write_text("".join(f"{'good' if i % 2 else 'bad'} film {i}\t{'pos' if i % 2 else 'neg'}\n" for i in range(n)))
+    return path
+
+
+def test_finetune_refuses_to_write_into_its_base_or_over_a_run(capsys, tiny_ckpt, tmp_path):
+    train_file = sentiment_file(tmp_path / "t.tsv")
+    common = ["finetune", tiny_ckpt, "--task", "classify", "--train", train_file, "--epochs", "1"]
+    code, _, err = run(capsys, *common, "--out", tiny_ckpt)
+    assert code == 1 and "is the base checkpoint itself" in err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_state.pt").write_bytes(b"a stale run")
+    code, _, err = run(capsys, *common, "--out", tmp_path / "old")
+    assert code == 1 and "already exists and is not empty" in err and "--overwrite" in err
+    code, _, err = run(capsys, *common, "--out", tmp_path / "old", "--overwrite")
+    assert code == 0, err
+    assert not (tmp_path / "old" / "train_state.pt").exists() and (tmp_path / "old" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--batch-size"])
+def test_finetune_zero_epochs_or_batch_is_one_line(capsys, tiny_ckpt, tmp_path, flag):
+    code, _, err = run(capsys, "finetune", tiny_ckpt, "--task", "classify", "--train", sentiment_file(tmp_path / "t.tsv"),
+                       "--out", tmp_path / "o", flag, "0")
+    assert code == 1 and "must be at least 1" in err and err.count("\n") == 1
+
+
+def test_finetune_names_a_file_that_is_not_utf8(capsys, tiny_ckpt, tmp_path):
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes("caf\xe9 film\tpos\n".encode("latin-1") * 5)
+    code, _, err = run(capsys, "finetune", tiny_ckpt, "--task", "classify", "--train", bad, "--out", tmp_path / "o")
+    assert code == 1 and f"{bad} is not UTF-8 text" in err
+
+
+def test_sft_with_one_usable_conversation_is_one_line(capsys, tiny_ckpt, tmp_path):
+    chats = tmp_path / "c.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                     "not json\n")
+    code, _, err = run(capsys, "finetune", tiny_ckpt, "--task", "sft", "--train", chats, "--skip-bad",
+                       "--out", tmp_path / "o")
+    assert code == 1 and "too few to hold out" in err and err.count("\n") == 1

@@ -101,7 +101,7 @@ def test_full_disk_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
         return real(directory, files)
 
     monkeypatch.setattr(checkpoint, "write_atomically", disk_full_on_second)
-    with pytest.raises(TrainError, match="previous one .* is intact"):
+    with pytest.raises(TrainError, match="the disk is full.* the last good checkpoint in .* is step 10"):
         train(cfg, quiet=True)
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert state["step"] == 10
@@ -136,3 +136,87 @@ def test_orthogonalize_flattens_the_spectrum():
     g = torch.randn(3, 64, 32) * torch.logspace(-2, 1, 32)  # condition number in the thousands
     s = torch.linalg.svdvals(orthogonalize(g))
     assert (s.max(-1).values / s.min(-1).values).max() < 10 and s.max() < 1.5
+
+
+def test_a_full_disk_names_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real, calls = torch.save, []
+
+    def fills_up(obj, path, *a, **kw):  # the second checkpoint meets a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(TrainError, match=f"the disk is full.*the last good checkpoint in {tmp_path / 'run'} is step 10"):
+        train(recipe(data, tmp_path / "run", "max_steps=30"), quiet=True)
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == 10
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_data_too_short_for_the_block_leaves_nothing(tmp_path):
+    (tmp_path / "t.txt").write_text("tiny text")
+    prepare(read_sources(texts=[str(tmp_path / "t.txt")]), tmp_path / "d", tokenizer="char")
+    with pytest.raises(TrainError, match="too little data"):
+        train(recipe(tmp_path / "d", tmp_path / "run", "max_steps=5"), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_no_run_directory(data, tmp_path, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("a bug in the first step")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train(recipe(data, tmp_path / "run", "max_steps=5"), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_short_budgets_warm_up_briefly_and_end_decayed():
+    cfg = load_recipe(None, ["warmup_steps=100", "min_lr_ratio=0.1", "time_limit=20", "max_steps=0"])
+    steps = 30  # a 20-second run that manages 30 steps
+    factors = [lr_factor(s, (s + 1) / steps, cfg) for s in range(steps)]
+    assert max(factors) == 1.0 and factors.index(1.0) <= 3  # warmup within a tenth of the run
+    assert factors[-1] == pytest.approx(0.1)
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(data, tmp_path, capsys):
+    train(recipe(data, tmp_path / "run", "max_steps=12", "progress_seconds=0"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 12 and "tok/s" in lines[0] and "ETA" in lines[0]
+
+
+def test_first_sigint_checkpoints_and_exits_then_resume_continues(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptkit", "train", "--data", str(data), "--out", str(out), "--preset", "tiny-gpt2",
+           MODEL.replace(" ", ""), "batch_size=4", "warmup_steps=5", "log_interval=1", "ckpt_interval=100000",
+           "eval_interval=100000", "time_limit=600", "max_steps=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    for _ in range(600):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "checkpoint written" in stderr and "Traceback" not in stderr
+    step = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert step >= 3
+    resumed = train(load_recipe(None, [MODEL, "batch_size=4", "warmup_steps=5", f"max_steps={step + 2}"],
+                                data=str(data), out=str(out), preset="tiny-gpt2"), resume=True, quiet=True)
+    assert resumed["step"] == step + 2
+
+
+def test_a_truncated_train_state_is_one_line(data, tmp_path):
+    train(recipe(data, tmp_path / "run", "max_steps=10"), quiet=True)
+    state = tmp_path / "run" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(TrainError, match="truncated or corrupt"):
+        train(recipe(data, tmp_path / "run", "max_steps=20"), resume=True, quiet=True)

@@ -20,4 +20,5 @@ def load(path: str | Path, device: str = "cpu") -> LM:
     model = load_model(path, device)
     if tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer file, so it cannot turn text into tokens")
+    checkpoint.check_tokenizer(model, tokenizer, path)
     return LM(model, tokenizer)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +32,16 @@ def write_atomically(directory: Path, files: dict[str, Writer]) -> None:
     """Write every file to a temporary name, fsync, then rename them into place.
 
     If anything fails while writing (a full disk, a kill), the previous files are untouched and the
-    temporaries are removed; the renames at the end take microseconds.
+    temporaries are removed; the renames at the end take microseconds. Temporaries that a killed writer
+    left behind (same names) are removed first. Files get the permissions of any file the user creates
+    (the umask), not the owner-only mode of temporary files.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        for stale in directory.glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    mode = 0o666 & ~_umask()
     temps: dict[str, Path] = {}
     try:
         for name, write in files.items():
@@ -40,6 +49,7 @@ def write_atomically(directory: Path, files: dict[str, Writer]) -> None:
             os.close(fd)
             temps[name] = Path(tmp)
             write(temps[name])
+            os.chmod(tmp, mode)  # after writing: some writers (safetensors) replace the file they are given
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         for name, tmp in temps.items():
@@ -49,9 +59,32 @@ def write_atomically(directory: Path, files: dict[str, Writer]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if _disk_full(e, directory):
+            raise DiskFullError(f"the disk is full: could not write {', '.join(files)} in {directory} "
+                                f"({shutil.disk_usage(directory).free:,} bytes free)") from None
+        raise
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+class DiskFullError(CheckpointError):
+    """No space left where a checkpoint or shard was being written (the previous files are intact)."""
+
+
+def _disk_full(e: Exception, directory: Path) -> bool:
+    # safetensors and torch.save report a full disk in words of their own, not always with ENOSPC
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left" in text or "unexpected pos" in text or shutil.disk_usage(directory).free < (1 << 20)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def text_writer(text: str) -> Writer:
@@ -94,6 +127,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
     """The checkpoint's model, in eval mode. `overrides` change config fields that the weights do not
     depend on (e.g. the dropout to fine-tune with)."""
     directory = Path(directory)
+    device = check_device(device)
     config = load_config(directory)
     if overrides:
         config = config.replace(**overrides)
@@ -111,6 +145,27 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
     if config.pos == "rope":  # buffers are not saved: rebuild them on the real device
         model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(config))
     return model.eval()
+
+
+def check_tokenizer(model: GPT, tokenizer: Tokenizer, source: object) -> None:
+    """Every id the tokenizer can emit must have a row in the model's embedding."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size}; they do not belong together")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine and this PyTorch build have it."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise CheckpointError(f"unknown device {str(device)!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} asked for, but this PyTorch has no CUDA GPU to use "
+                              f"({'a CPU-only build' if torch.version.cuda is None else 'no GPU found'}); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointError("device mps asked for, but MPS is not available here; use --device cpu")
+    return device
 
 
 def check_state(model: GPT, state: dict[str, torch.Tensor], source: object) -> None:

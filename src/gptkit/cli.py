@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,10 +104,15 @@ def cmd_train(args) -> None:
                       max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
-        return
+        return 0
+    if result["interrupted"]:
+        print(f"stopped by {result['interrupted']} after step {result['step']}: checkpoint written to "
+              f"{result['out']}; continue with `gptkit train --out {result['out']} --resume`", file=sys.stderr)
+        return 130 if result["interrupted"] == "SIGINT" else 143
     val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
     print(f"done: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f}s, "
           f"val loss {val}; checkpoint in {result['out']}")
+    return 0
 
 
 def cmd_serve(args) -> None:
@@ -132,6 +138,9 @@ def cmd_serve(args) -> None:
     print("stopped", flush=True)
 
 
+OPTIONAL_MODULES = {"transformers": "hf", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+                    "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf"}  # module -> the extra
+
 TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),
               "choice": ("context", "option")}
 
@@ -140,17 +149,27 @@ def cmd_finetune(args) -> None:
     from .finetune import FinetuneConfig, finetune, load_examples
     from .finetune.sft import load_conversations, sft
 
+    out, base = Path(args.out), Path(args.base)
+    if out.resolve() == base.resolve():
+        raise ValueError(f"--out {out} is the base checkpoint itself; write the fine-tuned model elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
     read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
         (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
     train = read(args.train)
     val = read(args.val) if args.val else None
     if val is None:  # hold out a tenth of the training examples
+        if len(train) < 2:
+            raise ValueError(f"{args.train} has {len(train)} usable example(s): too few to hold out a validation "
+                             f"tenth; give more, or a --val file")
         cut = max(1, len(train) // 10)
         train, val = train[cut:], train[:cut]
     cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout,
                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                          lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience, pool=args.pool, device=args.device)
+    if out.exists() and args.overwrite:  # what was there (another run's train_state.pt too) goes
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     if args.task == "sft":
         result = sft(args.base, train, val, args.out, cfg)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
@@ -269,9 +288,41 @@ def cmd_eval(args) -> None:
     print(f"written to {out / f'{args.task}-{data.stem}.json'}")
 
 
+def _train_epilog() -> str:
+    from .config import PRESETS
+    from .train.recipe import TrainConfig
+
+    fields = ", ".join(f"{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig)
+                       if f.name != "model")
+    return (f"presets: {', '.join(PRESETS)}.\n\nrecipe fields, set in a TOML recipe or as key=value (defaults shown): "
+            f"{fields}; model.FIELD=VALUE changes a field of the preset's model config (e.g. model.n_layer=6).")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("gptkit")
+    except PackageNotFoundError:
+        release = "unknown"
     p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
+    p.add_argument("--version", action="version", version=f"gptkit {release}")
     sub = p.add_subparsers(dest="command", required=True)
+    plain_add = sub.add_parser
+
+    def add_parser(name, **kw):  # every subcommand's --help shows its defaults, documented flags or not
+        parser = plain_add(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        plain_argument = parser.add_argument
+
+        def add_argument(*names, **options):
+            if "help" not in options and options.get("default") not in (None, False, []):
+                options["help"] = "(default: %(default)s)"
+            return plain_argument(*names, **options)
+
+        parser.add_argument = add_argument
+        return parser
+
+    sub.add_parser = add_parser
 
     s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
     s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
@@ -291,10 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="data directory to write")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)")
+    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
+                       epilog=_train_epilog())
     s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
-    s.add_argument("--preset", help="model preset, e.g. tiny-modern, gpt2")
+    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
     s.add_argument("--out", help="run directory (a checkpoint directory)")
     s.add_argument("--max-steps", type=int)
     s.add_argument("--time-limit", type=float, metavar="SECONDS")
@@ -340,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", choices=["last", "mean"], default="last",
                    help="classifier features: the extract token's hidden state (GPT-1) or the sequence mean")
     s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_finetune)
 
@@ -406,12 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
-    except ImportError as e:  # an optional extra that is not installed
-        print(f"gptkit: error: {e.name or e} is not installed; pip install 'gptkit[hf,serve,eval]'", file=sys.stderr)
+    except ModuleNotFoundError as e:  # an optional extra that is not installed; any other ImportError is a bug
+        if e.name not in OPTIONAL_MODULES:
+            raise
+        print(f"gptkit: error: {e.name} is not installed; pip install 'gptkit[{OPTIONAL_MODULES[e.name]}]'",
+              file=sys.stderr)
         return 1
     except (ValueError, OSError, RuntimeError) as e:  # our errors subclass ValueError; files raise OSError
         if os.environ.get("GPTKIT_DEBUG"):
@@ -419,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"gptkit: error: {message}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

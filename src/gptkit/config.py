@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 
+ADDED_LATER = {"attn_dropout"}  # fields that checkpoints written before them lack; their default keeps the old meaning
+
+
 class ConfigError(ValueError):
     """A config or preset that cannot describe a valid model."""
 
@@ -37,9 +40,29 @@ class GPTConfig:
     local_layers: tuple[int, ...] = ()  # which layers use the band (GPT-3 alternates dense / banded)
 
     def __post_init__(self):
-        # JSON gives lists; keep the config hashable and comparable.
-        object.__setattr__(self, "local_layers", tuple(self.local_layers))
+        self._check_types()
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field holds its declared type (JSON numbers and lists are converted where that is exact)."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type.replace(" | None", "")
+            if value is None and f.type.endswith("| None"):
+                continue
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            if kind == "float" and integer:
+                object.__setattr__(self, f.name, float(value))
+            elif kind == "tuple[int, ...]" and isinstance(value, (list, tuple)):
+                object.__setattr__(self, f.name, tuple(value))  # JSON gives lists; keep the config hashable
+            ok = {"int": integer, "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool),
+                  "tuple[int, ...]": isinstance(value, (list, tuple))
+                  and all(isinstance(i, int) and not isinstance(i, bool) for i in value)}.get(kind, isinstance(value, str))
+            if not ok:
+                name = {"int": "an integer", "float": "a number", "bool": "true or false",
+                        "tuple[int, ...]": "a list of integers"}.get(kind, "a string")
+                raise ConfigError(f"{f.name} must be {name}{' or null' if f.type.endswith('| None') else ''}, "
+                                  f"got {value!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -82,11 +105,17 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+    def from_dict(cls, d: dict, complete: bool = False) -> GPTConfig:
+        """The config `d` describes; `complete`: every field must be given (a saved config states them all)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(names)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        missing = [n for n in names if n not in d and n not in ADDED_LATER]
+        if complete and missing:
+            raise ConfigError(f"missing config field(s): {', '.join(missing)}")
         try:
             return cls(**d)
         except TypeError as e:
@@ -98,7 +127,7 @@ class GPTConfig:
     @classmethod
     def load(cls, path: Path) -> GPTConfig:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            return cls.from_dict(json.loads(Path(path).read_text()), complete=True)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
 

@@ -28,7 +28,7 @@ def perplexity(model: GPT, tokenizer: Tokenizer, text: str, stride: int | None =
     if len(ids) < 2:
         raise EvalError("the text has fewer than two tokens")
     context = model.config.context
-    stride = stride or max(1, context // 2)
+    stride = max(1, context // 2) if stride is None else stride
     if not 0 < stride <= context:
         raise EvalError(f"stride must be in [1, {context}]")
     device = model.wte.weight.device

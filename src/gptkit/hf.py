@@ -124,7 +124,15 @@ def load(src: str | Path) -> GPT:
     return _load(src)[0]
 
 
+def looks_local(src: str | Path) -> bool:
+    """A path, not a hub name ("gpt2", "org/name"): absolute, relative with ./ ../ ~, or deeper than org/name."""
+    text = str(src)
+    return isinstance(src, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
 def _load(src: str | Path) -> tuple[GPT, Tokenizer | None]:
+    if looks_local(src) and not Path(src).expanduser().exists():
+        raise ConversionError(f"no such directory: {src}")  # before transformers tries the network
     import transformers
 
     try:

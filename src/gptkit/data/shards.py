@@ -104,14 +104,13 @@ def prepare(docs: Iterable[Document], out: Path, tokenizer: str = "bpe", vocab_s
     if _up_to_date(out, fingerprint):
         print(f"{out} is up to date")
         return json.loads((out / META).read_text())
-    out.mkdir(parents=True, exist_ok=True)
+    if dtype not in (None, "uint16", "uint32"):
+        raise DataError(f"dtype must be uint16 or uint32, got {dtype}")
     (out / META).unlink(missing_ok=True)  # until the new meta.json lands, nothing here is trusted
-
+    # everything that can fail on bad settings runs before `out` is created: a failed run leaves nothing
     tok = build_tokenizer(tokenizer, docs, vocab_size)
     fits16 = tok.vocab_size <= 1 << 16
     dtype = dtype or ("uint16" if fits16 else "uint32")
-    if dtype not in ("uint16", "uint32"):
-        raise DataError(f"dtype must be uint16 or uint32, got {dtype}")
     if dtype == "uint16" and not fits16:
         raise DataError(f"a vocabulary of {tok.vocab_size} tokens does not fit uint16; use uint32")
     ids = encode_documents(tok, docs, dtype)

@@ -9,6 +9,7 @@ Labels may be strings or numbers; for `choice` the label is the index of the rig
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,16 @@ def _check(row: dict, task: str, where: str, skip_bad: bool) -> Example | None:
         raise TaskDataError(str(e) if isinstance(e, TaskDataError) else f"{where}: {e}") from None
 
 
+def read_text(path: Path) -> str:
+    """A data file's text, or a TaskDataError naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. with iconv") from None
+    except FileNotFoundError:
+        raise TaskDataError(f"no such file: {path}") from None
+
+
 def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[Example]:
     path = Path(path)
     if task not in FIELDS:
@@ -54,7 +65,7 @@ def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[E
         raise TaskDataError(f"no such file: {path}")
     examples = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -66,8 +77,8 @@ def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[E
             examples.append(_check(row, task, f"{path}:{n}", skip_bad))
     else:
         delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
+        rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter,
+                               quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
         need = FIELDS[task]
         header = rows[0] if rows and set(need) - {"options"} <= set(rows[0]) else None
         names = header or list(need)

@@ -14,6 +14,7 @@ import torch
 from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
+from .data import read_text
 from .lora import merge_lora
 from .tasks import FinetuneConfig, FinetuneError, prepare_base
 
@@ -21,7 +22,7 @@ from .tasks import FinetuneConfig, FinetuneError, prepare_base
 def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[dict]]:
     """JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line, with an assistant turn."""
     conversations = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(Path(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -192,6 +192,17 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        checks = [(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+                  (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+                  (self.lr > 0, f"lr must be positive, got {self.lr}"),
+                  (self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
+                  (self.lora_rank >= 0, f"lora_rank must be 0 or more, got {self.lora_rank}"),
+                  (self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")]
+        for ok, msg in checks:
+            if not ok:
+                raise FinetuneError(msg)
+
 
 def finetune(base: str | Path, train: list[Example], val: list[Example], out: str | Path,
              cfg: FinetuneConfig, quiet: bool = False) -> dict:

@@ -49,6 +49,11 @@ def setup(device_type: str, strategy: str, timeout_s: float) -> Dist:
     return d
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

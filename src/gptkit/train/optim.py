@@ -70,17 +70,22 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
     return [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, **fused)]
 
 
+MAX_WARMUP = 0.1  # warmup never takes more than this fraction of the run, however short the budget
+
+
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Multiplier of the base learning rate: linear warmup over steps, then the schedule over the rest of
-    the run's progress (0 to 1, by whichever limit binds: steps, tokens or time)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    """Multiplier of the base learning rate: linear warmup over `warmup_steps` steps (or over the first tenth
+    of the run if that is shorter: a 20-second run still trains), then the schedule over the rest of the
+    run's progress (0 to 1, by whichever limit binds: steps, tokens or time), ending decayed."""
+    # the fraction of the run that warmup takes, estimated from the progress each step makes so far
+    warm = min(cfg.warmup_steps * progress / step, MAX_WARMUP) if step else MAX_WARMUP
+    if step < cfg.warmup_steps and progress < warm:
+        return min(1.0, max((step + 1) / cfg.warmup_steps, progress / warm))
     floor = cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "wsd":
         decay_start = 1 - cfg.decay_fraction
         return 1.0 if progress < decay_start else floor + (1 - floor) * (1 - progress) / cfg.decay_fraction
-    warm = cfg.warmup_steps * progress / step if step else 0.0  # the fraction of the run spent warming up
-    p = min(1.0, max(0.0, (progress - warm) / (1 - warm))) if warm < 1 else 1.0
+    p = min(1.0, max(0.0, (progress - warm) / (1 - warm)))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))

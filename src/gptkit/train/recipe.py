@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..config import preset
+
 
 class RecipeError(ValueError):
     """A recipe file or override that does not describe a valid run."""
@@ -56,6 +58,7 @@ class TrainConfig:
     eval_tokens: int = 0  # 0: the whole validation split
     ckpt_interval: int = 500
     log_interval: int = 10
+    progress_seconds: float = 30.0  # when stderr is not a terminal: a plain progress line this often
 
     def __post_init__(self):
         checks = [
@@ -74,6 +77,9 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise RecipeError(msg)
+        if not isinstance(self.model, dict):
+            raise RecipeError(f"model must be a table of config fields, got {self.model!r}")
+        preset(self.preset, **self.model)  # an unknown preset or a bad model field fails now, before any data work
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

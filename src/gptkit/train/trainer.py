@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
+import pickle
+import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +41,7 @@ class TrainError(ValueError):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return checkpoint.check_device(name)
 
 
 def default_data_dir() -> Path:
@@ -118,6 +124,12 @@ class Run:
         self.block = cfg.block_size or model_config.context
         if self.block > model_config.context:
             raise TrainError(f"block_size {self.block} exceeds the model's context {model_config.context}")
+        for split in (self.train_data, self.val_data):
+            longest = max((len(a) for a in split.arrays), default=0)
+            if longest < (self.block + 1 if split is self.train_data else 2):
+                raise TrainError(f"{data_dir} has too little data: its longest {'train' if split is self.train_data else 'val'} "
+                                 f"shard holds {longest} tokens, a block needs {self.block + 1}; lower block_size or "
+                                 f"prepare more text")
         self.grad_accum = (max(1, round(cfg.tokens_per_step / (cfg.batch_size * self.block)))
                            if cfg.tokens_per_step else cfg.grad_accum)
         self.sharded = self.dist.active and cfg.strategy == "fsdp"
@@ -127,8 +139,10 @@ class Run:
                 group["base_lr"] = group["lr"]
         self.data_rng = torch.Generator().manual_seed(cfg.seed)  # the data position
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.saved_step: int | None = None  # the last checkpoint written (or resumed from)
         if resume:
             self.restore(state_path)
+            self.saved_step = self.step
 
     def check_resumable(self, path: Path, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
@@ -136,7 +150,7 @@ class Run:
             diff = [f"{k}={v} (run has {getattr(saved_config, k)})" for k, v in model_config.to_dict().items()
                     if getattr(saved_config, k) != getattr(model_config, k)]
             raise TrainError(f"cannot resume {self.out}: this recipe's model differs: {', '.join(diff)}")
-        state = torch.load(path, weights_only=True)
+        state = read_state(path)
         if state["data_tokenizer"] != self.train_data.tokenizer_sha256():
             raise TrainError(f"cannot resume {self.out}: the data directory was made with a different tokenizer")
         if state["optimizer"] != self.cfg.optimizer:
@@ -147,7 +161,7 @@ class Run:
                              f"{'fsdp' if was_sharded else 'ddp or one process'}")
 
     def restore(self, path: Path) -> None:
-        state = torch.load(path, weights_only=True)
+        state = read_state(path)
         if self.sharded:
             distributed.load_sharded(self.out, self.model, self.optimizers)
         else:
@@ -177,11 +191,16 @@ class Run:
         files[STATE_FILE] = lambda p: torch.save(state, p)
         try:
             checkpoint.write_atomically(self.out, files)
-        except OSError as e:
-            raise TrainError(f"could not write the checkpoint ({e.strerror or e}); the previous one in "
-                             f"{self.out} is intact") from None
+        except (OSError, checkpoint.CheckpointError) as e:
+            raise TrainError(f"could not write the checkpoint at step {self.step}: {e}; {self.last_good()}") from None
         finally:
             distributed.barrier(self.dist)
+        self.saved_step = self.step
+
+    def last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint in {self.out} is step {self.saved_step}"
 
     def progress(self) -> float:
         """Fraction of the run done, by whichever limit binds first."""
@@ -192,17 +211,70 @@ class Run:
         return max(parts)
 
 
+def read_state(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise TrainError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); the weights beside it "
+                         f"still load, but the run cannot resume from it") from None
+
+
+class StopRequest:
+    """The first SIGINT/SIGTERM asks the run to stop after the current step (with a checkpoint); a second
+    one stops it at once. Only in the main thread of a single-process run."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: int | None = None
+
+    def __enter__(self) -> StopRequest:
+        if self.enabled:
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            for s, handler in self.previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt  # the second one: now
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     """Train as the recipe says; returns the final metrics. The run directory is a checkpoint directory.
-    Under torchrun every rank calls this; only rank 0 writes logs, plots and single-file checkpoints."""
+    Under torchrun every rank calls this; only rank 0 writes logs, plots and single-file checkpoints.
+    A first SIGINT/SIGTERM (single process) ends the run after the current step with a checkpoint; the
+    result then says which signal in `interrupted`. A run that fails before its first checkpoint leaves
+    no run directory behind (when it made it)."""
+    out = Path(cfg.out)
+    made_out = not out.exists()
     try:
         return _train(cfg, resume, quiet)
+    except BaseException:
+        if made_out and out.exists() and not (out / STATE_FILE).exists() and distributed.is_main_process():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         distributed.teardown()
 
 
 def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
     run = Run(cfg, resume)
+    with StopRequest(enabled=not run.dist.active) as stop:
+        try:
+            return _loop(run, cfg, resume, quiet, stop)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # metrics or plot on a full disk
+                raise TrainError(f"the disk is full ({e.filename or run.out}); {run.last_good()}") from None
+            raise
+
+
+def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
     quiet = quiet or not main
     compiled = torch.compile(run.wrapped) if cfg.compile else run.wrapped
@@ -215,7 +287,9 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
     flops_per_step = model.flops_per_token(run.block) * tokens_per_step
     peak = peak_flops(device)
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet or None,
-                dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0)
+    plain = not quiet and bar.disable  # stderr is not a terminal (CI logs, nohup, files): plain lines instead
+    last_line = time.perf_counter()
     # the sampled softmax's train loss is over the batch's targets only; val_loss is always the full one
     unigram = run.train_data.unigram(model.config.vocab_size).to(device) if cfg.sampled_softmax else None
     val_loss, loss_value = None, math.nan
@@ -247,7 +321,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
         run.elapsed += time.perf_counter() - t0
         window_steps += 1
         bar.update(1)
-        done = run.progress() >= 1
+        done = run.progress() >= 1 or stop.signal is not None
         if run.step % cfg.log_interval == 0 or done:
             loss_value = distributed.mean_across_ranks(loss_sum, run.dist).item() / run.grad_accum  # the one sync
             now = time.perf_counter()
@@ -261,6 +335,15 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}",
                             **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
             window_t, window_steps = time.perf_counter(), 0
+        if plain and (time.perf_counter() - last_line >= cfg.progress_seconds or done):
+            last_line = time.perf_counter()
+            p = run.progress()
+            eta = run.elapsed * (1 - p) / p if p > 0 else math.nan
+            print(f"step {run.step}: loss {loss_value:.4f}, {run.tokens:,} tokens, {run.tokens / max(run.elapsed, 1e-9):,.0f} tok/s, "
+                  f"{p:.0%} done, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        if stop.signal is not None:
+            run.save()
+            break
         if run.step % cfg.eval_interval == 0 or done:
             t_eval = time.perf_counter()
             val_loss = evaluate_loss(model, run.val_data, run.block, cfg.batch_size, device, autocast, cfg.eval_tokens)
@@ -276,4 +359,5 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             window_t += time.perf_counter() - t_ckpt
     bar.close()
     return {"step": run.step, "tokens": run.tokens, "train_loss": loss_value, "val_loss": val_loss,
-            "elapsed_s": run.elapsed, "out": str(run.out)}
+            "elapsed_s": run.elapsed, "out": str(run.out),
+            "interrupted": signal.Signals(stop.signal).name if stop.signal is not None else None}
