@@ -1,7 +1,7 @@
 """Serving on CPU, gptkit against `transformers serve --continuous-batching` on the same weights, then a load test.
 
     python benchmarks/serve.py [--models tiny,gpt2] [--streams 1,4,8,16,32] [--peer-streams 1,4,8] [--tokens 64]
-                               [--repeats 3] [--no-peer] [--load-seconds 60] [--load-clients 64]
+                               [--repeats 3] [--peer-repeats 1] [--no-peer] [--load-seconds 60] [--load-clients 64]
 
 For each model a random-weight checkpoint (a BPE tokenizer trained on the embedded corpus) is written as a
 gptkit checkpoint and, converted, as a transformers directory. Both servers run as real processes on loopback,
@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer-streams", default="1,4,8", help="stream counts the peer is measured at (its CPU "
                     "continuous batching is slow enough that 32 streams of GPT-2 124M take most of an hour)")
+    ap.add_argument("--peer-repeats", type=int, default=1, help="rounds for the peer (it is 30-200x slower: its "
+                    "noise does not matter, its time does)")
     ap.add_argument("--no-peer", action="store_true", help="gptkit only")
     ap.add_argument("--load-seconds", type=float, default=60, help="0: no load test")
     ap.add_argument("--load-clients", type=int, default=64)
@@ -158,7 +160,8 @@ def main():
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     print(f"{cpu} ({isa}), {os.cpu_count()} cores; {args.tokens} new tokens per stream, temperature 1, random "
-          f"weights, BPE 2048 tokenizer; best of {args.repeats} interleaved rounds\n")
+          f"weights, BPE 2048 tokenizer; best of {args.repeats} interleaved rounds "
+          f"(the peer: {args.peer_repeats})\n")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
@@ -179,8 +182,10 @@ def main():
                 for n in streams:
                     kinds = [k for k in servers if k == "gptkit" or n in peer_streams]
                     runs = {k: [] for k in kinds}
-                    for _ in range(args.repeats):
+                    for r in range(args.repeats):
                         for kind in kinds:
+                            if kind != "gptkit" and r >= args.peer_repeats:
+                                continue
                             _, url, model = servers[kind]
                             runs[kind].append(asyncio.run(measure(url, model, n, args.tokens)))
                     for kind, results in runs.items():

@@ -1,5 +1,6 @@
 """Fine-tuning proof on CPU: sentiment with negations, where pre-training matters and LoRA nearly matches."""
 
+import dataclasses
 import json
 import random
 
@@ -154,3 +155,54 @@ def test_bad_inputs(world, tmp_path):
 
     with pytest.raises(LoRAError, match="match no linear layer"):
         apply_lora(GPT(preset("tiny-gpt2", vocab_size=10)), ("attn.q_proj",), 4, 8)
+
+
+def reviews(n, seed):
+    rng = random.Random(seed)
+    return [labelled(rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_a_killed_fine_tuning_run_resumes_exactly(tiny_ckpt, tmp_path, monkeypatch, task):
+    """Every epoch is checkpointed; a run killed in epoch 2 resumes to the same weights as an unbroken run."""
+    import torch
+
+    from gptkit import checkpoint
+    from gptkit.finetune import fit as fit_module
+    from gptkit.finetune.data import Example
+    from gptkit.finetune.sft import sft
+
+    cfg = FinetuneConfig(task=task, epochs=3, batch_size=8, lr=1e-3, patience=5)
+    if task == "sft":
+        data = [[{"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["label"]}]
+                for r in reviews(40, 0)]
+    else:
+        data = [Example({"text": r["text"]}, r["label"]) for r in reviews(40, 0)]
+
+    def run(out, resume=False, cfg=cfg):
+        return (sft if task == "sft" else finetune)(tiny_ckpt, data[8:], data[:8], out, cfg, quiet=True, resume=resume)
+    whole = run(tmp_path / "whole")
+    assert not (tmp_path / "whole" / fit_module.STATE_FILE).exists()  # a finished run keeps no loop state
+
+    real_save, saves = fit_module.checkpoint.write_atomically, []
+
+    def killed_after_first_epoch(directory, files):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the process dies while epoch 2 is being saved
+        return real_save(directory, files)
+
+    monkeypatch.setattr(fit_module.checkpoint, "write_atomically", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "broken")
+    monkeypatch.setattr(fit_module.checkpoint, "write_atomically", real_save)
+    assert torch.load(tmp_path / "broken" / fit_module.STATE_FILE, weights_only=True)["epoch"] == 1
+    other = dataclasses.replace(cfg, lr=5e-4)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        run(tmp_path / "broken", resume=True, cfg=other)
+    resumed = run(tmp_path / "broken", resume=True)
+    assert resumed["epochs"] == whole["epochs"]
+    a, b = checkpoint.load_model(tmp_path / "whole"), checkpoint.load_model(tmp_path / "broken")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run(tmp_path / "broken", resume=True)

@@ -152,8 +152,9 @@ def cmd_finetune(args) -> None:
     out, base = Path(args.out), Path(args.base)
     if out.resolve() == base.resolve():
         raise ValueError(f"--out {out} is the base checkpoint itself; write the fine-tuned model elsewhere")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ValueError(f"--out {out} already exists and is not empty; choose another or pass --overwrite")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (args.overwrite or args.resume):
+        raise ValueError(f"--out {out} already exists and is not empty; choose another, pass --overwrite, or "
+                         f"--resume a run that was stopped")
     read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
         (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
     train = read(args.train)
@@ -168,13 +169,13 @@ def cmd_finetune(args) -> None:
                          lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout,
                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                          lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience, pool=args.pool, device=args.device)
-    if out.exists() and args.overwrite:  # what was there (another run's train_state.pt too) goes
+    if out.exists() and args.overwrite and not args.resume:  # what was there (another run's state too) goes
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if args.task == "sft":
-        result = sft(args.base, train, val, args.out, cfg)
+        result = sft(args.base, train, val, args.out, cfg, resume=args.resume)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
         return
-    result = finetune(args.base, train, val, args.out, cfg)
+    result = finetune(args.base, train, val, args.out, cfg, resume=args.resume)
     print(f"best val accuracy {result['val_accuracy']:.4f}; trained {result['trainable_params']:,} of "
           f"{result['total_params']:,} parameters; saved in {args.out}")
 
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier features: the extract token's hidden state (GPT-1) or the sequence mean")
     s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    s.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last epoch")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_finetune)
 

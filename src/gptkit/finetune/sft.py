@@ -3,9 +3,7 @@ assistant's tokens only, right padding with a loss mask."""
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import random
 from pathlib import Path
 
@@ -15,8 +13,9 @@ from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
 from .data import read_text
+from .fit import finished, fit
 from .lora import merge_lora
-from .tasks import FinetuneConfig, FinetuneError, prepare_base
+from .tasks import FinetuneConfig, FinetuneError, prepare_base, run_identity
 
 
 def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[dict]]:
@@ -69,42 +68,30 @@ def sft_loss(gpt: GPT, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor
 
 
 def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: str | Path,
-        cfg: FinetuneConfig, quiet: bool = False) -> dict:
+        cfg: FinetuneConfig, quiet: bool = False, resume: bool = False) -> dict:
     """Fine-tune `base` on conversations; the best validation epoch is saved as a plain checkpoint (LoRA
-    adapters are merged in, so `gptkit chat` and `gptkit serve` use it as it is)."""
+    adapters are merged in, so `gptkit chat` and `gptkit serve` use it as it is). Every epoch is
+    checkpointed: `resume=True` continues a killed run from its last epoch."""
     rng = random.Random(cfg.seed)
     gpt, tokenizer, _ = prepare_base(base, cfg, CHAT_TOKENS)
     trainable = [p for p in gpt.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0 if cfg.lora_rank else cfg.weight_decay)
     ctx = gpt.config.context
     data = [encode_conversation(tokenizer, m, ctx) for m in train]
     held = [encode_conversation(tokenizer, m, ctx) for m in val]
-    steps = cfg.epochs * math.ceil(len(data) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    best, best_state, history, stale = math.inf, None, [], 0
-    for epoch in range(cfg.epochs):
-        rng.shuffle(data)
-        for i in range(0, len(data), cfg.batch_size):
-            sft_loss(gpt, data[i:i + cfg.batch_size]).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            schedule.step()
-            opt.zero_grad(set_to_none=True)
-        gpt.eval()
-        with torch.no_grad():
-            val_loss = sum(sft_loss(gpt, held[i:i + 32]).item() * len(held[i:i + 32])
-                           for i in range(0, len(held), 32)) / len(held)
-        gpt.train()
-        history.append({"epoch": epoch + 1, "val_loss": val_loss})
-        if not quiet:
-            print(f"epoch {epoch + 1}: val loss on assistant tokens {val_loss:.4f}")
-        if val_loss < best:
-            best, stale, best_state = val_loss, 0, copy.deepcopy(gpt.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    gpt.load_state_dict(best_state)
+
+    def batches(r: random.Random) -> list:
+        order = data[:]
+        r.shuffle(order)
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+
+    def evaluate() -> dict:
+        loss = sum(sft_loss(gpt, held[i:i + 32]).item() * len(held[i:i + 32]) for i in range(0, len(held), 32))
+        return {"val_loss": loss / len(held)}
+
+    group = {"params": trainable, "weight_decay": 0.0 if cfg.lora_rank else cfg.weight_decay}
+    result = fit(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
+                 "val_loss", rng, Path(out), run_identity(base, cfg), lower_is_better=True, resume=resume, quiet=quiet)
     merge_lora(gpt)
     checkpoint.save(out, gpt.eval(), tokenizer)
-    return {"val_loss": best, "epochs": history}
+    finished(out)
+    return {"val_loss": result.best, "epochs": result.history}

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import math
 import random
@@ -23,6 +23,7 @@ from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from .data import Example
+from .fit import finished, fit
 from .lora import apply_lora, lora_state, merge_lora
 
 POOLS = ("last", "mean")
@@ -205,8 +206,9 @@ class FinetuneConfig:
 
 
 def finetune(base: str | Path, train: list[Example], val: list[Example], out: str | Path,
-             cfg: FinetuneConfig, quiet: bool = False) -> dict:
-    """Fine-tune the checkpoint `base` for a task; keep the best validation epoch in `out`."""
+             cfg: FinetuneConfig, quiet: bool = False, resume: bool = False) -> dict:
+    """Fine-tune the checkpoint `base` for a task; keep the best validation epoch in `out`. Every epoch is
+    checkpointed: `resume=True` continues a killed run from its last epoch."""
     rng = random.Random(cfg.seed)
     labels = () if cfg.task == "choice" else tuple(sorted({e.label for e in train}))
     if cfg.pool not in POOLS:
@@ -220,43 +222,33 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
     n_trainable = sum(p.numel() for p in trainable) - (first_new * gpt.config.n_embd if cfg.lora_rank else 0)
     decay = [p for p in trainable if p.dim() == 2 and not (cfg.lora_rank and p is gpt.wte.weight)]
     rest = [p for p in trainable if not any(p is q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=cfg.lr)
     ctx = gpt.config.context
     encoded = [(encode(tokenizer, spec, e.fields, ctx), label_index(spec, e)) for e in train]
-    steps = cfg.epochs * math.ceil(len(encoded) / cfg.batch_size)
     unigram = None
     if cfg.sampled_softmax:
         counts = torch.bincount(torch.tensor([t for seqs, _ in encoded for s in seqs for t in s[1:]]),
                                 minlength=gpt.config.vocab_size).float()
         unigram = (counts / counts.sum()).to(gpt.wte.weight.device)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 50)) *
-                                                 max(0.0, 1 - s / steps))
-    best, best_state, history, stale = -1.0, None, [], 0
-    for epoch in range(cfg.epochs):
-        for chunk in length_batches(encoded, cfg.batch_size, rng):
-            logits, lm_loss = model([seqs for seqs, _ in chunk], lm=cfg.lm_weight > 0, unigram=unigram)
-            loss = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
-            (loss if lm_loss is None else loss + cfg.lm_weight * lm_loss).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            schedule.step()
-            opt.zero_grad(set_to_none=True)
-        acc = accuracy(model, tokenizer, val)
-        history.append({"epoch": epoch + 1, "val_accuracy": acc, "train_loss": loss.item()})
-        if not quiet:
-            print(f"epoch {epoch + 1}: val accuracy {acc:.4f}")
-        if acc > best:
-            best, stale = acc, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
+
+    def loss(chunk) -> Tensor:
+        logits, lm_loss = model([seqs for seqs, _ in chunk], lm=cfg.lm_weight > 0, unigram=unigram)
+        value = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
+        return value if lm_loss is None else value + cfg.lm_weight * lm_loss
+
+    result = fit(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                 cfg.lr, cfg.epochs, cfg.patience, lambda r: length_batches(encoded, cfg.batch_size, r), loss,
+                 lambda: {"val_accuracy": accuracy(model, tokenizer, val)}, "val_accuracy", rng, Path(out),
+                 run_identity(base, cfg, labels), warmup=0.02, resume=resume, quiet=quiet)
     save_task(model, tokenizer, Path(out), base=Path(base), lora=cfg if cfg.lora_rank else None, first_new=first_new)
-    return {"val_accuracy": best, "epochs": history, "trainable_params": n_trainable,
+    finished(out)
+    return {"val_accuracy": result.best, "epochs": result.history, "trainable_params": n_trainable,
             "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def run_identity(base: str | Path, cfg: FinetuneConfig, labels: tuple = ()) -> dict:
+    """What a resumed fine-tuning run must share with the one it continues (more epochs are fine)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience", "device")}
+    return {"base": str(Path(base).resolve()), "labels": list(labels), **settings}
 
 
 def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | None = None,
