@@ -14,6 +14,9 @@ ARCHS = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
         vocab_size=120, max_position_embeddings=64, tie_word_embeddings=False, rope_theta=5000.0)),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=120, max_position_embeddings=64, tie_word_embeddings=True)),
 }
 
 
@@ -69,3 +72,21 @@ def test_banded_model_has_no_transformers_form(tmp_path):
     checkpoint.save(tmp_path / "c", GPT(preset("tiny-gpt3", vocab_size=50)))
     with pytest.raises(hf.ConversionError, match="banded"):
         hf.convert_to_hf(tmp_path / "c", tmp_path / "out")
+
+
+def test_the_default_preset_exports_as_qwen3_with_our_logits(tmp_path, bpe):
+    """tiny-modern (QK-norm) has a transformers form: Qwen3, whose loader reads it with logits equal to ours."""
+    from gptkit import GPT, preset
+
+    torch.manual_seed(0)
+    ours = GPT(preset("tiny-modern", vocab_size=bpe.vocab_size, context=64)).eval()
+    with torch.no_grad():  # non-trivial norm weights, so that a q_norm/k_norm mix-up would show
+        for block in ours.blocks:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5), block.attn.k_norm.weight.uniform_(0.5, 1.5)
+    checkpoint.save(tmp_path / "ours", ours, bpe)
+    hf.convert_to_hf(tmp_path / "ours", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "Qwen3ForCausalLM" and theirs.config.eos_token_id == bpe.eot_id
+    ids = torch.randint(0, bpe.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)

@@ -1,4 +1,5 @@
-"""Conversion to and from Hugging Face transformers checkpoints (GPT-1, GPT-2, Llama).
+"""Conversion to and from Hugging Face transformers checkpoints (GPT-1, GPT-2, Llama, and Qwen3 for RoPE models
+with QK-norm).
 
 `transformers` is imported lazily here and nowhere else.
 """
@@ -14,7 +15,9 @@ from .config import ConfigError, GPTConfig
 from .model import GPT
 from .tokenizer import EOT, Tokenizer
 
-SUPPORTED = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "llama": "LlamaForCausalLM"}
+SUPPORTED = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "llama": "LlamaForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
+ROPE_FAMILY = ("llama", "qwen3")  # Qwen3 is Llama's layout plus an RMSNorm of each head's queries and keys
 
 
 class ConversionError(ValueError):
@@ -40,25 +43,29 @@ def _hf_config_to_ours(c) -> GPTConfig:
                          prenorm=t == "gpt2", activation=acts[act], tie_embeddings=c.tie_word_embeddings)
     rope = getattr(c, "rope_parameters", None) or {"rope_theta": getattr(c, "rope_theta", 10000.0)}
     _require(rope.get("rope_type", "default") == "default", f"RoPE scaling {rope.get('rope_type')!r} is not supported")
-    _require(c.hidden_act == "silu", f"Llama activation {c.hidden_act!r} is not supported")
+    _require(c.hidden_act == "silu", f"{t} activation {c.hidden_act!r} is not supported")
     _require(getattr(c, "attention_bias", False) == getattr(c, "mlp_bias", False),
-             "Llama with bias in attention but not in the MLP (or the reverse) is not supported")
-    _require(c.head_dim == c.hidden_size // c.num_attention_heads, "Llama head_dim other than hidden/heads is not supported")
+             f"{t} with bias in attention but not in the MLP (or the reverse) is not supported")
+    _require(c.head_dim == c.hidden_size // c.num_attention_heads, f"{t} head_dim other than hidden/heads is not supported")
+    _require(not getattr(c, "use_sliding_window", False), "sliding-window attention is not supported")
     return GPTConfig(vocab_size=c.vocab_size, context=c.max_position_embeddings, n_layer=c.num_hidden_layers,
                      n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size,
                      mlp_hidden=c.intermediate_size, norm="rmsnorm", norm_eps=c.rms_norm_eps, pos="rope",
                      rope_theta=float(rope["rope_theta"]), activation="swiglu", bias=bool(c.attention_bias),
-                     tie_embeddings=c.tie_word_embeddings)
+                     tie_embeddings=c.tie_word_embeddings, qk_norm=t == "qwen3")
 
 
 def _key_map(model_type: str, config: GPTConfig) -> dict[str, str]:
     """Our parameter name -> theirs, for everything that maps one to one."""
-    if model_type == "llama":
+    if model_type in ROPE_FAMILY:
         m = {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
         for i in range(config.n_layer):
             a, b = f"blocks.{i}.", f"model.layers.{i}."
             m |= {a + "norm1.weight": b + "input_layernorm.weight", a + "norm2.weight": b + "post_attention_layernorm.weight",
                   a + "attn.proj.weight": b + "self_attn.o_proj.weight", a + "mlp.proj.weight": b + "mlp.down_proj.weight"}
+            if model_type == "qwen3":
+                m |= {a + "attn.q_norm.weight": b + "self_attn.q_norm.weight",
+                      a + "attn.k_norm.weight": b + "self_attn.k_norm.weight"}
         if not config.tie_embeddings:
             m["lm_head.weight"] = "lm_head.weight"
         return m
@@ -86,7 +93,7 @@ def _to_ours(model_type: str, config: GPTConfig, theirs: dict[str, torch.Tensor]
     for ours, name in _key_map(model_type, config).items():
         t = theirs[name]
         state[ours] = t.t().contiguous() if name.endswith(_CONV1D) else t
-    if model_type == "llama":  # fuse q/k/v and gate/up into one matmul each
+    if model_type in ROPE_FAMILY:  # fuse q/k/v and gate/up into one matmul each
         for i in range(config.n_layer):
             b = f"model.layers.{i}."
             state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([theirs[b + f"self_attn.{x}_proj.weight"] for x in "qkv"])
@@ -104,7 +111,7 @@ def _to_theirs(model_type: str, config: GPTConfig, ours: dict[str, torch.Tensor]
     for name, theirs in _key_map(model_type, config).items():
         t = ours[name]
         state[theirs] = t.t().contiguous() if theirs.endswith(_CONV1D) else t
-    if model_type == "llama":
+    if model_type in ROPE_FAMILY:
         q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
         for i in range(config.n_layer):
             a, b = f"blocks.{i}.", f"model.layers.{i}."
@@ -171,11 +178,12 @@ def convert_from_hf(src: str | Path, out: Path) -> Path:
 
 def _architecture(c: GPTConfig) -> str:
     _require(not c.local_layers, "banded attention layers have no transformers equivalent among GPT-2/GPT-1/Llama")
-    _require(not c.qk_norm, "QK-norm has no transformers equivalent among GPT-2/GPT-1/Llama")
     if c.pos == "rope":
         _require(c.norm == "rmsnorm" and c.prenorm and c.activation == "swiglu",
-                 "a RoPE model converts to Llama only with RMSNorm, pre-norm and SwiGLU")
-        return "llama"
+                 "a RoPE model converts to Llama or Qwen3 only with RMSNorm, pre-norm and SwiGLU")
+        _require(not (c.qk_norm and c.bias), "a QK-norm model converts to Qwen3 only without biases")
+        return "qwen3" if c.qk_norm else "llama"
+    _require(not c.qk_norm, "QK-norm with learned positions has no transformers equivalent")
     _require(c.norm == "layernorm" and c.bias and c.activation in ("gelu", "gelu_tanh"),
              "a learned-position model converts to GPT-2/GPT-1 only with LayerNorm, biases and GELU")
     return "gpt2" if c.prenorm else "openai-gpt"
@@ -199,6 +207,13 @@ def convert_to_hf(src: Path, out: Path) -> Path:
             num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, max_position_embeddings=c.context,
             rms_norm_eps=c.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
             attention_bias=c.bias, mlp_bias=c.bias)
+    elif t == "qwen3":
+        hf_config = transformers.Qwen3Config(
+            **common, hidden_size=c.n_embd, intermediate_size=c.hidden, num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
+            max_position_embeddings=c.context, rms_norm_eps=c.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attention_bias=False,
+            use_sliding_window=False)
     elif t == "gpt2":
         hf_config = transformers.GPT2Config(**common, n_positions=c.context, n_embd=c.n_embd, n_layer=c.n_layer,
                                             n_head=c.n_head, n_inner=c.mlp_hidden, activation_function=act,
