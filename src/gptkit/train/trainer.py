@@ -338,7 +338,7 @@ def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopReque
         if plain and (time.perf_counter() - last_line >= cfg.progress_seconds or done):
             last_line = time.perf_counter()
             p = run.progress()
-            eta = run.elapsed * (1 - p) / p if p > 0 else math.nan
+            eta = max(0.0, run.elapsed * (1 - p) / p) if p > 0 else math.nan
             print(f"step {run.step}: loss {loss_value:.4f}, {run.tokens:,} tokens, {run.tokens / max(run.elapsed, 1e-9):,.0f} tok/s, "
                   f"{p:.0%} done, ETA {eta:.0f}s", file=sys.stderr, flush=True)
         if stop.signal is not None:
