@@ -117,3 +117,14 @@ def test_embedded_corpus_needs_nothing_but_python():
     assert any(d.source.startswith("pydoc:") for d in docs) and any(d.source.startswith("stdlib:") for d in docs)
     assert sum(len(d.text) for d in docs) > 1_000_000
     assert [d.source for d in docs] == [d.source for d in embedded_corpus()]  # fixed order
+
+
+def test_directories_of_an_older_format_are_made_again(tmp_path, text_file, monkeypatch, capsys):
+    from gptkit.data import shards
+
+    prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
+    prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
+    assert "up to date" in capsys.readouterr().out
+    monkeypatch.setattr(shards, "FORMAT", shards.FORMAT + 1)  # what a newer build sees
+    meta = prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
+    assert "up to date" not in capsys.readouterr().out and meta["format"] == shards.FORMAT

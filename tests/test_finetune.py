@@ -206,3 +206,29 @@ def test_a_killed_fine_tuning_run_resumes_exactly(tiny_ckpt, tmp_path, monkeypat
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     with pytest.raises(ValueError, match="nothing to resume"):
         run(tmp_path / "broken", resume=True)
+
+
+def test_lora_trains_task_tokens_in_a_padded_vocabulary_and_knows_its_base(bpe, tmp_path):
+    """With a model vocabulary padded past the tokenizer's, the task tokens take padding rows; LoRA must
+    train those rows. The adapter also refuses a base whose weights changed since."""
+    import torch
+    from safetensors.torch import load_file
+
+    from gptkit import GPT, checkpoint, preset
+    from gptkit.finetune.data import Example
+
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "base", GPT(preset("tiny-gpt2", vocab_size=bpe.vocab_size + 64, context=64)), bpe)
+    data = [Example({"text": r["text"]}, r["label"]) for r in reviews(48, 1)]
+    cfg = FinetuneConfig(epochs=2, batch_size=8, lr=1e-2, lora_rank=4)
+    finetune(tmp_path / "base", data[8:], data[:8], tmp_path / "lora", cfg, quiet=True)
+    rows = load_file(str(tmp_path / "lora" / "adapter.safetensors"))["task_token_rows"]
+    base = checkpoint.load_model(tmp_path / "base").wte.weight[bpe.vocab_size:bpe.vocab_size + 3]
+    assert rows.shape[0] >= 3 and not torch.allclose(rows[:3], base)  # the three task tokens trained
+    load_task(tmp_path / "lora")
+    model = checkpoint.load_model(tmp_path / "base")
+    with torch.no_grad():
+        model.wte.weight.mul_(1.01)
+    checkpoint.save(tmp_path / "base", model, bpe)
+    with pytest.raises(FinetuneError, match="trained on other weights"):
+        load_task(tmp_path / "lora")

@@ -200,3 +200,37 @@ def test_sampling_follows_the_softmax_distribution():
     got = torch.bincount(sample(logits, generator=torch.Generator().manual_seed(0)), minlength=5) / 20000
     torch.testing.assert_close(got, logits[0].softmax(-1), atol=0.01, rtol=0)
     assert got[4] == 0
+
+
+class _Markov:
+    """A stand-in model whose next-token logits depend only on the last token (beam search's interface)."""
+
+    def __init__(self, table):
+        from types import SimpleNamespace
+
+        self.table, self.config = table, SimpleNamespace(context=64)
+
+    def new_cache(self, batch, max_len):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(device="cpu", advance=lambda n: None, reorder=lambda rows: None)
+
+    def __call__(self, ids, cache, last_only=False):
+        return self.table[ids[:, -1]][:, None, :]
+
+
+def test_beam_search_does_not_stop_before_a_live_beam_can_overtake():
+    """With length_penalty 1 a long likely continuation (sum -0.92 over 10 tokens: -0.09) beats ending at once
+    (-0.51): comparing the finished normalised score with the live beam's raw sum stopped too early."""
+    big = 20.0
+    table = torch.full((4, 4), -big)
+    table[3] = torch.tensor([0.6, 0.4, 1e-9, 1e-9]).log()  # after the prompt: end (0.6) or "a" (0.4)
+    table[1, 1] = big  # "a" is followed by "a" with certainty
+    assert beam_search(_Markov(table), [3], 1, 10, eot_id=0, length_penalty=1.0) == [1] * 10
+
+
+def test_beam_search_never_yields_ids_past_the_tokenizer():
+    table = torch.zeros(6, 6)
+    table[:, 5] = 10.0  # the most likely id is a padding row of the vocabulary
+    out = beam_search(_Markov(table), [1], 2, 5, vocab_limit=5)
+    assert out and max(out) < 5

@@ -37,3 +37,25 @@ def test_without_a_compiler_there_is_no_kernel(monkeypatch):
         assert kernels.skinny_linear(torch.randn(1, 16), torch.randn(8, 16), None) is None
     finally:
         kernels._library.cache_clear()
+
+
+def test_cpu_signature_closes_proc_cpuinfo(monkeypatch):
+    opened = []
+
+    class Tracked:
+        def __init__(self, *args, **kw):
+            self.f = open(*args, **kw)
+            opened.append(self.f)
+
+        def __enter__(self):
+            return self.f.__enter__()
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __iter__(self):
+            return iter(self.f)
+
+    monkeypatch.setattr(kernels, "open", Tracked, raising=False)
+    kernels._cpu_signature()
+    assert opened and all(f.closed for f in opened)

@@ -220,3 +220,14 @@ def test_a_truncated_train_state_is_one_line(data, tmp_path):
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(TrainError, match="truncated or corrupt"):
         train(recipe(data, tmp_path / "run", "max_steps=20"), resume=True, quiet=True)
+
+
+def test_loss_plot_leaves_the_matplotlib_backend_alone(data, tmp_path, monkeypatch):
+    import matplotlib
+
+    from gptkit.train.metrics import plot_losses
+
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("plot_losses switched the backend"))
+    (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "val_loss": 2.1}\n')
+    plot_losses(tmp_path / "m.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

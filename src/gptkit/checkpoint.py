@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -109,6 +110,19 @@ def model_files(model: GPT, tokenizer: Tokenizer | None = None,
 
 def save(directory: Path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict[str, Writer] | None = None):
     write_atomically(directory, {**model_files(model, tokenizer), **(extra or {})})
+
+
+def weights_sha256(directory: Path) -> str:
+    """The content hash of a checkpoint's weights file (what an adapter records of its base)."""
+    path = Path(directory) / WEIGHTS_FILE
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}") from None
+    return h.hexdigest()
 
 
 def load_config(directory: Path) -> GPTConfig:

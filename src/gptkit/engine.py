@@ -281,7 +281,8 @@ class LM:
     def _beams(self, ids: list[list[int]], params: SamplingParams) -> Iterator[list[str]]:
         self.finish_reasons = ["length"] * len(ids)
         for i, p in enumerate(ids):
-            out = beam_search(self.model, p, params.num_beams, params.max_new_tokens, *self.stop_ids()[:1])
+            out = beam_search(self.model, p, params.num_beams, params.max_new_tokens, *self.stop_ids()[:1],
+                              vocab_limit=self.tokenizer.vocab_size)
             det = Detokenizer(self.tokenizer, params.stop, self.stop_ids())
             text = "".join(det.push(t) for t in out)
             text += det.finish("length")

@@ -114,11 +114,12 @@ def check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
 
 @torch.inference_mode()
 def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: int, eot_id: int | None = None,
-                length_penalty: float = 1.0) -> list[int]:
-    """The highest-scoring continuation (sum of log-probs / length ** length_penalty)."""
+                length_penalty: float = 1.0, vocab_limit: int | None = None) -> list[int]:
+    """The highest-scoring continuation (sum of log-probs / length ** length_penalty), over ids below
+    `vocab_limit` (a model vocabulary padded past its tokenizer's)."""
     check_fits(model, len(prompt), max_new_tokens)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logp = model(torch.tensor([prompt], device=cache.device), cache, last_only=True)[:, -1].log_softmax(-1)
+    logp = model(torch.tensor([prompt], device=cache.device), cache, last_only=True)[:, -1, :vocab_limit].log_softmax(-1)
     cache.advance(len(prompt))
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=logp.device))
     beams, scores = [[]], torch.zeros(1, device=logp.device)
@@ -135,13 +136,16 @@ def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: i
             elif len(next_beams) < num_beams:
                 next_beams.append(seq), next_scores.append(score), rows.append(row)
         best_done = max((s for s, _ in finished), default=-math.inf)
-        if not next_beams or (len(finished) >= num_beams and best_done >= max(next_scores)):
-            break  # with length_penalty >= 0 no live beam can still overtake the best finished one
+        # the best a live beam can still reach: its sum only falls, and with length_penalty > 0 its divisor
+        # grows up to max_new_tokens ** length_penalty (both normalised, like the finished scores)
+        longest = max_new_tokens if length_penalty > 0 else step + 1
+        if not next_beams or (len(finished) >= num_beams and best_done >= max(next_scores) / longest ** length_penalty):
+            break
         while len(rows) < num_beams:  # keep the cache's batch constant
             next_beams.append(next_beams[-1]), next_scores.append(-math.inf), rows.append(rows[-1])
         cache.reorder(torch.tensor(rows, device=logp.device))
         beams, scores = next_beams, torch.tensor(next_scores, device=logp.device)
-        logp = model(torch.tensor([b[-1:] for b in beams], device=logp.device), cache)[:, -1].log_softmax(-1)
+        logp = model(torch.tensor([b[-1:] for b in beams], device=logp.device), cache)[:, -1, :vocab_limit].log_softmax(-1)
         cache.advance(1)
     return max(finished, key=lambda f: f[0])[1]
 

@@ -17,6 +17,7 @@ from .corpora import DataError, Document
 
 META = "meta.json"
 SHARD_TOKENS = 100_000_000
+FORMAT = 2  # bump when shards or their tokenization change: directories of an older format are made again
 
 
 def build_tokenizer(kind: str, docs: list[Document], vocab_size: int) -> Tokenizer:
@@ -66,8 +67,14 @@ def encode_documents(tokenizer: Tokenizer, docs: list[Document], dtype) -> np.nd
 
 
 def _fingerprint(docs: list[Document], settings: dict) -> tuple[str, list[dict]]:
+    """What the shards depend on: the inputs, the settings, this format and the tokenizer libraries' versions
+    (a tokenizer trained or applied by another version may give other ids)."""
+    import tiktoken
+    import tokenizers
+
     sources = [{"source": d.source, "sha256": hashlib.sha256(d.text.encode("utf-8")).hexdigest()} for d in docs]
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    identity = settings | {"format": FORMAT, "tokenizers": tokenizers.__version__, "tiktoken": tiktoken.__version__}
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for s in sources:
         h.update((s["source"] + s["sha256"]).encode())
     return h.hexdigest(), sources
@@ -127,7 +134,7 @@ def prepare(docs: Iterable[Document], out: Path, tokenizer: str = "bpe", vocab_s
         meta_splits[split] = {"tokens": int(len(arr)), "shards": shards}
     tok_name, tok_text = tok.to_json()
     files[tok_name] = text_writer(tok_text)
-    meta = {"format": 1, "fingerprint": fingerprint, "dtype": dtype, "vocab_size": tok.vocab_size,
+    meta = {"format": FORMAT, "fingerprint": fingerprint, "dtype": dtype, "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id, "tokenizer": {"kind": tokenizer, "file": tok_name,
                                                  "sha256": hashlib.sha256(tok_text.encode()).hexdigest()},
             "documents": len(docs), "chars": sum(len(d.text) for d in docs), "splits": meta_splits,

@@ -85,7 +85,9 @@ class TaskModel(nn.Module):
 
 def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
     """Append special `tokens` to the vocabulary; new embedding rows start at N(0, 0.02). Returns the model,
-    the tokenizer and the first new row (earlier rows are the pre-trained ones)."""
+    the tokenizer and the first new token id (earlier rows are the pre-trained ones; with a vocabulary padded
+    past the tokenizer's, the new tokens take padding rows, which are not pre-trained either)."""
+    first_new = tokenizer.vocab_size
     tokenizer = tokenizer.add_special_tokens(tokens)
     old = gpt.config.vocab_size
     if tokenizer.vocab_size > old:
@@ -98,7 +100,7 @@ def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple
                 state[name] = rows
         grown.load_state_dict(state)
         gpt = grown.train(gpt.training)
-    return gpt, tokenizer, old
+    return gpt, tokenizer, first_new
 
 
 def prepare_base(base: str | Path, cfg: FinetuneConfig, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
@@ -261,7 +263,8 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
         return
     adapter = {**{f"gpt.{k}": v.contiguous() for k, v in lora_state(model.gpt).items()}, **head,
                "task_token_rows": model.gpt.wte.weight[first_new:].detach().contiguous()}
-    meta = {"base": str(base.resolve()), "rank": lora.lora_rank, "alpha": lora.lora_alpha,
+    meta = {"base": str(base.resolve()), "base_sha256": checkpoint.weights_sha256(base), "rank": lora.lora_rank,
+            "alpha": lora.lora_alpha,
             "targets": list(lora.lora_targets), "first_task_token": first_new}
     name, text = tokenizer.to_json()
     checkpoint.write_atomically(out, {
@@ -279,6 +282,9 @@ def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokeniz
     tokenizer = Tokenizer.load(path)
     if (path / ADAPTER_META).exists():
         meta = json.loads((path / ADAPTER_META).read_text())
+        if meta.get("base_sha256") not in (None, checkpoint.weights_sha256(meta["base"])):
+            raise FinetuneError(f"{path} was trained on other weights than those now in {meta['base']}; "
+                                f"restore that base, or fine-tune again")
         gpt = checkpoint.load_model(meta["base"], device)
         gpt, _, _ = grow_vocab(gpt, checkpoint.load_tokenizer(meta["base"]), SPECIAL)
         apply_lora(gpt, tuple(meta["targets"]), meta["rank"], meta["alpha"])

@@ -28,7 +28,8 @@ MAX_ROWS = 16  # measured (AVX2 EPYC): up to 16 rows, passes of 8 rows over the 
 def _cpu_signature() -> str:
     """What -march=native depends on, so a cache shared between different CPUs never runs the wrong code."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")))
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         flags = platform.processor()
     return platform.machine() + flags

@@ -33,16 +33,17 @@ class MetricsLog:
 
 
 def plot_losses(metrics: Path, png: Path) -> None:
-    """Train and validation loss against step, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Train and validation loss against step, written atomically. A Figure of its own: no pyplot, so the
+    process's matplotlib backend and figure registry are left as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
@@ -54,5 +55,4 @@ def plot_losses(metrics: Path, png: Path) -> None:
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp")
     fig.savefig(tmp, format="png")
-    plt.close(fig)
     os.replace(tmp, png)

@@ -100,7 +100,12 @@ class Run:
         self.rows = slice(self.dist.rank * self.rank_batch, (self.dist.rank + 1) * self.rank_batch)
         if cfg.strategy == "fsdp" and cfg.optimizer == "muon":
             raise TrainError("Muon is not supported with FSDP yet; use optimizer=\"adamw\" or strategy=\"ddp\"")
-        data_dir = Path(cfg.data) if cfg.data else default_data_dir()
+        if cfg.data:
+            data_dir = Path(cfg.data)
+        else:  # rank 0 prepares the embedded corpus into the shared cache while the others wait
+            data_dir = default_data_dir() if self.dist.main else None
+            distributed.barrier(self.dist)
+            data_dir = data_dir or default_data_dir()
         self.train_data = TokenShards(data_dir, "train")
         self.val_data = TokenShards(data_dir, "val")
         self.tokenizer = Tokenizer.load(data_dir)
