@@ -70,3 +70,15 @@ def test_conversations_without_an_assistant_turn(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(FinetuneError, match="c.jsonl:1: the conversation has no assistant turn"):
         load_conversations(tmp_path / "c.jsonl")
+
+
+def test_training_and_serving_share_one_chat_template(bpe):
+    """What SFT learns to say follows exactly the prompt that serving builds for the same conversation."""
+    talk = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "hello 🙂"}]
+    trained, mask = bpe.encode_chat(talk, with_mask=True, reply=False)
+    prompt = bpe.encode_chat(talk[:2])
+    assert trained[:len(prompt)] == prompt
+    learned = [t for t, m in zip(trained, mask) if m]
+    assert learned == bpe.encode("hello 🙂") + [bpe.special["<|im_end|>"]]
+    assert trained[len(prompt):len(prompt) + len(learned)] == learned

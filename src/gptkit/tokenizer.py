@@ -197,18 +197,27 @@ class Tokenizer:
         return Tokenizer(chars=self.chars, special=special)
 
     # --- chat -----------------------------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """A conversation as prompt ids ending where the assistant speaks next. ChatML with the chat tokens
-        when the vocabulary has them (message text can never inject a special token); otherwise plain
-        "Role: text" lines."""
+    def encode_chat(self, messages: list[dict], with_mask: bool = False, reply: bool = True):
+        """A conversation as token ids: the one chat template, for serving and training alike. ChatML with the
+        chat tokens when the vocabulary has them (message text can never inject a special token); otherwise
+        plain "Role: text" lines. `reply`: end where the assistant speaks next (a prompt). `with_mask`: return
+        (ids, mask) with mask 1 on what a model learns to say, each assistant message and its end token."""
         start, end = (self.special.get(t) for t in CHAT_TOKENS)
+        if start is None or end is None:
+            if with_mask:
+                raise TokenizerError(f"training on conversations needs the chat tokens {', '.join(CHAT_TOKENS)}")
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return self.encode(text + ("Assistant:" if reply else ""))
         ids: list[int] = []
-        if start is not None and end is not None:
-            for m in messages:
-                ids += [start] + self.encode(f"{m['role']}\n") + self.encode(m["content"]) + [end] + self.encode("\n")
-            return ids + [start] + self.encode("assistant\n")
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return self.encode(text + "Assistant:")
+        mask: list[int] = []
+        for m in messages:
+            head, body, tail = [start] + self.encode(f"{m['role']}\n"), self.encode(m["content"]) + [end], self.encode("\n")
+            ids += head + body + tail
+            mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body) + [0] * len(tail)
+        if reply:
+            head = [start] + self.encode("assistant\n")
+            ids, mask = ids + head, mask + [0] * len(head)
+        return (ids, mask) if with_mask else ids
 
     def chat_stops(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """(stop strings, stop token ids) that end an assistant turn."""

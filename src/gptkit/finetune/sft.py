@@ -46,15 +46,9 @@ def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[di
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: list[dict], context: int) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 loss mask (1 on the assistant's content and its end token), cut to the context."""
-    start, end = (tokenizer.special[t] for t in CHAT_TOKENS)
-    ids, mask = [], []
-    for m in messages:
-        head = [start] + tokenizer.encode(m["role"] + "\n")
-        body = tokenizer.encode(m["content"]) + [end]
-        learn = m["role"] == "assistant"
-        ids += head + body + tokenizer.encode("\n")
-        mask += [0] * len(head) + [int(learn)] * len(body) + [0]
+    """Token ids and a 0/1 loss mask (1 on the assistant's content and its end token), cut to the context:
+    the tokenizer's chat template, the same one serving uses."""
+    ids, mask = tokenizer.encode_chat(messages, with_mask=True, reply=False)
     return ids[:context + 1], mask[:context + 1]
 
 
