@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from gptkit import GPT, checkpoint, preset
 from gptkit.data import TokenShards, prepare, read_sources
 from gptkit.train import load_recipe, train
+from gptkit.train.loss import model_loss
 from gptkit.train.optim import build_optimizers
 from gptkit.train.trainer import bf16_is_fast
 
@@ -106,7 +107,7 @@ def part3() -> list[tuple]:
 
     def our_step(bf16=False):
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = ours(x[:, :-1], targets=x[:, 1:])  # the trainer's path: chunked head + loss in fp32
+            loss = model_loss(ours, x[:, :-1], x[:, 1:])  # the trainer's path: chunked head + loss in fp32
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt.step()

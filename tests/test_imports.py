@@ -10,8 +10,10 @@ PACKAGE = Path(gptkit.__file__).parent
 FORBIDDEN = {
     "tokenizer": {"config", "model", "generate", "checkpoint", "hf", "data", "train", "finetune", "evaluate", "serve", "cli"},
     "config": {"model", "generate", "checkpoint", "hf", "data", "train", "finetune", "evaluate", "serve", "cli", "tokenizer"},
-    "model": {"generate", "checkpoint", "hf", "data", "train", "finetune", "evaluate", "serve", "cli", "tokenizer"},
-    "generate": {"serve", "cli", "train", "finetune", "hf"},
+    "model": {"generate", "checkpoint", "hf", "data", "train", "finetune", "evaluate", "serve", "cli", "tokenizer",
+              "kernels", "engine"},  # the model only: no losses, no kernels or packing
+    "generate": {"engine", "serve", "cli", "train", "finetune", "hf"},
+    "engine": {"serve", "cli", "train", "finetune", "hf", "data", "evaluate", "chat"},
 }
 ANYWHERE_BUT_CLI = {"cli", "serve"}
 

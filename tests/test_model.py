@@ -3,6 +3,8 @@ import torch
 
 from gptkit import GPT, SamplingParams, preset
 from gptkit.engine import generate_tokens
+from gptkit.kernels.packed import pack_for_cpu_inference
+from gptkit.train.loss import IGNORE_INDEX, LanguageModelLoss, model_loss
 
 FAMILIES = ["tiny-gpt1", "tiny-gpt2", "tiny-gpt3", "tiny-modern"]  # post-norm, learned/MHA, banded, RoPE/GQA
 
@@ -74,7 +76,7 @@ def test_packed_inference_matches_plain_linear():
         before = model(ids)
         keys = set(model.state_dict())
         step_before = _decode_step(model, ids)
-        model.pack_for_cpu_inference()
+        pack_for_cpu_inference(model)
         torch.testing.assert_close(model(ids), before, atol=1e-4, rtol=1e-4)  # many rows: oneDNN
         torch.testing.assert_close(_decode_step(model, ids), step_before, atol=1e-4, rtol=1e-4)  # few: gemv.c
     assert set(model.state_dict()) == keys
@@ -133,7 +135,7 @@ def test_chunked_training_loss_equals_plain_cross_entropy(tie):
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    chunked, g1 = loss_and_grads(lambda: model(idx, targets=targets))
+    chunked, g1 = loss_and_grads(lambda: model_loss(model, idx, targets))
     plain, g2 = loss_and_grads(lambda: torch.nn.functional.cross_entropy(
         model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100))
     assert chunked == pytest.approx(plain, rel=1e-5)
@@ -149,7 +151,7 @@ def test_sampled_training_loss_is_the_full_loss_when_every_token_is_in_the_batch
     idx, targets = torch.randint(0, 16, (4, 32)), torch.randperm(128).remainder(16).view(4, 32)
     uniform = torch.full((16,), 1 / 16)
     full = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
-    assert model(idx, targets=targets, unigram=uniform).item() == pytest.approx(full.item(), rel=1e-5)
+    assert model_loss(model, idx, targets, uniform).item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_sampled_training_loss_covers_only_the_batch_targets_with_log_q_correction():
@@ -161,7 +163,7 @@ def test_sampled_training_loss_covers_only_the_batch_targets_with_log_q_correcti
     logits = model(idx)[0, :7][:, [5, 9, 30]]
     log_q = torch.log(1 - (1 - unigram[[5, 9, 30]]) ** 7)  # 7 targets, -100 ignored
     expected = torch.nn.functional.cross_entropy(logits - log_q, torch.tensor([0, 0, 1, 1, 1, 2, 2]))
-    assert model(idx, targets=targets, unigram=unigram).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model_loss(model, idx, targets, unigram).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_attention_dropout_apart_from_residual_dropout():
@@ -175,3 +177,25 @@ def test_attention_dropout_apart_from_residual_dropout():
 
     assert attention_is_random(dropout=0.3) and attention_is_random(dropout=0.0, attn_dropout=0.3)
     assert not attention_is_random(dropout=0.3, attn_dropout=0.0)
+
+
+@pytest.mark.parametrize("path", ["chunked", "plain", "sampled"])
+def test_a_batch_with_every_target_ignored_costs_zero_on_every_path(path):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=64, context=16)).train()
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.full((2, 16), IGNORE_INDEX)
+    unigram = torch.full((64,), 1 / 64) if path == "sampled" else None
+    with torch.set_grad_enabled(path != "plain"):  # the chunked path is the CPU training one
+        loss = model_loss(model, idx, targets, unigram)
+    assert loss.item() == 0.0 and not loss.isnan()
+
+
+def test_the_loss_module_runs_the_model_forward(monkeypatch):
+    """What the trainer wraps: a DDP/FSDP body's forward runs (its hooks), the loss is the model's."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-gpt2", vocab_size=64, context=16)).train()
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    assert LanguageModelLoss(model)(idx, targets).item() == pytest.approx(model_loss(model, idx, targets).item())
+    assert calls == [1]

@@ -7,6 +7,7 @@ from .checkpoint import CheckpointError, load_model, load_tokenizer
 from .config import PRESETS, ConfigError, GPTConfig, preset
 from .engine import LM
 from .generate import GenerationError, SamplingParams
+from .kernels.packed import pack_for_cpu_inference
 from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -15,10 +16,11 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "Sampling
 
 
 def load(path: str | Path, device: str = "cpu") -> LM:
-    """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`."""
+    """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`. On CPU
+    its linear layers are already the decoding kernels' (same parameters, same state dict)."""
     tokenizer = load_tokenizer(path) if Path(path).is_dir() else None
     model = load_model(path, device)
     if tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer file, so it cannot turn text into tokens")
     checkpoint.check_tokenizer(model, tokenizer, path)
-    return LM(model, tokenizer)
+    return LM(pack_for_cpu_inference(model), tokenizer)  # on CPU, the fast decoding path from the start

@@ -50,7 +50,6 @@ def cmd_generate(args) -> None:
 
     params = _sampling(args)  # validate settings before loading a large model
     lm = gptkit.load(args.checkpoint, device=args.device)
-    lm.model.pack_for_cpu_inference()
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -127,7 +126,6 @@ def cmd_serve(args) -> None:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     lm = gptkit.load(args.checkpoint, device=args.device)
-    lm.model.pack_for_cpu_inference()
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      request_timeout=args.request_timeout)
@@ -202,7 +200,6 @@ def cmd_chat(args) -> None:
 
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # check first
     lm = gptkit.load(args.checkpoint, device=args.device)
-    lm.model.pack_for_cpu_inference()
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p)
     print("chat with the model; Ctrl-C stops a reply, Ctrl-D (or /exit) leaves, /reset forgets the conversation")
@@ -243,50 +240,15 @@ def cmd_merge(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import json
+    from . import evaluate
 
-    from . import evaluate as ev
-    from .checkpoint import text_writer, write_atomically
-
-    data = Path(args.data)
-    if not data.exists():
-        raise FileNotFoundError(f"no such file or directory: {data}")
-    if args.task == "classify":
-        from .finetune import load_examples, load_task, predict
-
-        model, tokenizer = load_task(args.checkpoint)
-        examples = load_examples(data, model.spec.task, skip_bad=args.skip_bad)
-        unknown = sorted({e.label for e in examples} - set(model.spec.labels)) if model.spec.labels else []
-        if unknown:
-            raise ValueError(f"{data} has labels the model was not trained on: {', '.join(unknown)}")
-        predicted = [predict(model, tokenizer, e.fields)[0] for e in examples]
-        labels = model.spec.labels or tuple(sorted({e.label for e in examples}))
-        result = ev.classification_report([e.label for e in examples], predicted, labels)
-    else:
-        import gptkit
-
-        lm = gptkit.load(args.checkpoint)
-        model, tokenizer = lm.model, lm.tokenizer
-        if args.task == "ppl":
-            result = (ev.split_perplexity(model, tokenizer, data) if data.is_dir()
-                      else ev.perplexity(model, tokenizer, data.read_text(encoding="utf-8"), args.stride))
-        elif args.task == "choice":
-            result = ev.multiple_choice(model, tokenizer, ev.read_jsonl(data, ("ctx", "endings", "label")))
-        elif args.task == "lambada":
-            result = ev.lambada(model, tokenizer, data.read_text(encoding="utf-8").splitlines())
-        else:
-            rows = ev.read_jsonl(data, ("prompt", "reference"))
-            hyps = [lm.generate(r["prompt"], max_new_tokens=args.max_new_tokens, temperature=0,
-                                stop=("\n",)).strip() for r in rows]
-            result = ev.generation_scores(hyps, [r["reference"] for r in rows])
-    result = {"task": args.task, "data": str(data), **result}
+    result, written = evaluate.run(args.task, args.checkpoint, args.data, stride=args.stride,
+                                   max_new_tokens=args.max_new_tokens, skip_bad=args.skip_bad)
     width = max(map(len, result))
     for key, value in result.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
         print(f"{key:>{width}}  {shown}")
-    out = Path(args.checkpoint) / "eval"
-    write_atomically(out, {f"{args.task}-{data.stem}.json": text_writer(json.dumps(result, indent=1) + "\n")})
-    print(f"written to {out / f'{args.task}-{data.stem}.json'}")
+    print(f"written to {written}")
 
 
 def _train_epilog() -> str:

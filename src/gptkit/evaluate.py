@@ -150,3 +150,58 @@ def split_perplexity(model: GPT, tokenizer: Tokenizer, data_dir: Path, split: st
         nll += F.cross_entropy(logits.flatten(0, 1), y.flatten().to(logits.device), reduction="sum").item()
         n += y.numel()
     return {"tokens": n, "nll_per_token": nll / n, "perplexity": math.exp(nll / n)}
+
+
+TASKS = ("ppl", "choice", "lambada", "classify", "generate")
+
+
+def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None, max_new_tokens: int = 64,
+        skip_bad: bool = False) -> tuple[dict, Path]:
+    """Evaluate the checkpoint `ckpt` on `data` for `task`; the result is also written, as JSON, to
+    `ckpt/eval/TASK-DATA.json` (returned beside it)."""
+    from . import checkpoint
+
+    data, ckpt = Path(data), Path(ckpt)
+    if task not in TASKS:
+        raise EvalError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
+    if not data.exists():
+        raise EvalError(f"no such file or directory: {data}")
+    if task == "classify":
+        result = _classify(ckpt, data, skip_bad)
+    else:
+        from .engine import LM
+
+        model = checkpoint.load_model(ckpt)
+        tokenizer = checkpoint.load_tokenizer(ckpt)
+        if tokenizer is None:
+            raise EvalError(f"{ckpt} has no tokenizer file")
+        checkpoint.check_tokenizer(model, tokenizer, ckpt)
+        if task == "ppl":
+            result = (split_perplexity(model, tokenizer, data) if data.is_dir()
+                      else perplexity(model, tokenizer, data.read_text(encoding="utf-8"), stride))
+        elif task == "choice":
+            result = multiple_choice(model, tokenizer, read_jsonl(data, ("ctx", "endings", "label")))
+        elif task == "lambada":
+            result = lambada(model, tokenizer, data.read_text(encoding="utf-8").splitlines())
+        else:
+            lm, rows = LM(model, tokenizer), read_jsonl(data, ("prompt", "reference"))
+            hyps = [lm.generate(r["prompt"], max_new_tokens=max_new_tokens, temperature=0, stop=("\n",)).strip()
+                    for r in rows]
+            result = generation_scores(hyps, [r["reference"] for r in rows])
+    result = {"task": task, "data": str(data), **result}
+    out = ckpt / "eval" / f"{task}-{data.stem}.json"
+    checkpoint.write_atomically(out.parent, {out.name: checkpoint.text_writer(json.dumps(result, indent=1) + "\n")})
+    return result, out
+
+
+def _classify(ckpt: Path, data: Path, skip_bad: bool) -> dict:
+    from .finetune import load_examples, load_task, predict
+
+    model, tokenizer = load_task(ckpt)
+    examples = load_examples(data, model.spec.task, skip_bad=skip_bad)
+    unknown = sorted({e.label for e in examples} - set(model.spec.labels)) if model.spec.labels else []
+    if unknown:
+        raise EvalError(f"{data} has labels the model was not trained on: {', '.join(unknown)}")
+    predicted = [predict(model, tokenizer, e.fields)[0] for e in examples]
+    labels = model.spec.labels or tuple(sorted({e.label for e in examples}))
+    return classification_report([e.label for e in examples], predicted, labels)

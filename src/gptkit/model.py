@@ -1,4 +1,5 @@
-"""The GPT model: one class for GPT-1, GPT-2, GPT-3-style and modern decoders, plus its KV cache."""
+"""The GPT model: one class for GPT-1, GPT-2, GPT-3-style and modern decoders, plus its KV cache. The model
+only: losses live in train/loss.py, CPU kernels and packing in kernels/."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
 from .config import GPTConfig
 
 
@@ -176,77 +176,6 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
-class PackedLinear(nn.Module):
-    """Inference-only CPU linear layer for decoding, whose speed is the speed at which weights stream from memory.
-    A few fp32 rows go through gptkit's native skinny kernel (kernels/gemv.c); everything else, and machines
-    without a C compiler, through oneDNN's prepacked weight layout. Both stream weights two to three times
-    faster than the BLAS matrix-vector path."""
-
-    def __init__(self, weight: Tensor, bias: Tensor | None):
-        super().__init__()
-        self.weight = weight
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), persistent=False)
-        self.bias = bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = kernels.skinny_linear(x, self.weight, self.bias)
-        if y is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return y
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `h @ w.T` against `targets`, a chunk of rows at a time, each chunk's logits
-    turned into their gradient (softmax - one-hot) while still in cache: the [tokens, vocab] logits never
-    reach memory, which makes the head and loss of a small model 1.6x faster on CPU. Backward only scales
-    the gradients formed here."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, ignore_index: int, rows: int) -> Tensor:
-        keep = targets != ignore_index
-        count = keep.sum().clamp_min(1)
-        want_w = ctx.needs_input_grad[1]  # not for a frozen head (LoRA)
-        grad_h, grad_w, loss = torch.empty_like(h), torch.zeros_like(w) if want_w else None, h.new_zeros(())
-        buffer = h.new_empty(min(rows, len(h)), len(w))  # reused: a fresh block page-faults on every chunk
-        for s in range(0, len(h), rows):
-            hc, kc = h[s:s + rows], keep[s:s + rows]
-            yc = targets[s:s + rows].where(kc, 0)
-            z = torch.mm(hc, w.t(), out=buffer[:len(hc)])
-            picked = z.gather(1, yc[:, None]).squeeze(1)
-            top = z.amax(1, keepdim=True)
-            total = z.sub_(top).exp_().sum(1, keepdim=True)  # z: softmax once divided by total
-            loss += ((total.log() + top).squeeze(1) - picked).mul(kc).sum()
-            z.div_(total)
-            z[torch.arange(len(yc)), yc] -= 1
-            if not kc.all():
-                z[~kc] = 0
-            torch.mm(z, w, out=grad_h[s:s + rows])
-            if want_w:
-                grad_w.addmm_(z.t(), hc)
-        ctx.save_for_backward(grad_h / count, grad_w / count if want_w else None)
-        return loss / count
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad, None if grad_w is None else grad_w * grad, None, None, None
-
-
-def sampled_lm_loss(h: Tensor, w: Tensor, targets: Tensor, unigram: Tensor) -> Tensor:
-    """Cross-entropy over the batch's own targets only, not the whole vocabulary (in-batch sampled softmax,
-    the negatives of retrieval models). A token of frequency f is in a batch of N targets with probability
-    q = 1 - (1 - f)^N; subtracting log q from its logit makes up for the batches it misses (logQ correction,
-    Bengio & Senecal 2008; Yi et al. 2019). For a small model the full head is most of the step: on CPU
-    with 8k tokens and 2k targets per batch (about 900 distinct) this pre-trains 1.6x the tokens per second
-    and reaches a lower full-softmax validation loss in the same time."""
-    keep = targets != -100
-    h, targets = h[keep], targets[keep]
-    candidates, picked = torch.unique(targets, return_inverse=True)
-    log_q = torch.log(-torch.expm1(len(targets) * torch.log1p(-unigram[candidates].clamp(0, 1 - 1e-7))))
-    logits = F.linear(h, w[candidates]).float() - log_q.clamp_min(-30)
-    return F.cross_entropy(logits, picked)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -257,7 +186,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = _norm(config, config.n_embd) if config.prenorm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.packed_head: PackedLinear | None = None  # set by pack_for_cpu_inference
+        self.inference_head: nn.Module | None = None  # a faster module computing the same logits (kernels.pack)
         if config.pos == "rope":
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -320,45 +249,20 @@ class GPT(nn.Module):
         return self.norm_f(x) if self.norm_f is not None else x
 
     def logits(self, h: Tensor) -> Tensor:
-        if self.packed_head is not None:
-            return self.packed_head(h)
+        if self.inference_head is not None and not torch.is_grad_enabled():
+            return self.inference_head(h)
         return F.linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
 
-    def lm_loss(self, h: Tensor, targets: Tensor, unigram: Tensor | None = None) -> Tensor:
-        """Mean next-token cross-entropy of hidden states `h` [..., n_embd] against `targets` [...]
-        (-100 = ignored). CPU fp32 training takes the chunked path; elsewhere the plain one. With `unigram`
-        (the training tokens' frequencies), a sampled softmax instead: see `sampled_lm_loss`."""
-        w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        h, targets = h.flatten(0, -2), targets.flatten()
-        if unigram is not None:
-            return sampled_lm_loss(h, w, targets, unigram)
-        if (h.device.type == "cpu" and torch.is_grad_enabled() and h.dtype == w.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-            rows = max(64, (1 << 21) // w.shape[0])  # about 8 MB of logits per chunk: fits in cache
-            return _ChunkedLinearCrossEntropy.apply(h, w, targets, -100, rows)
-        return F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=-100)
+    def head_weight(self) -> Tensor:
+        """The LM head's weight [vocab, n_embd] (the token embedding when they are tied)."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    @torch.no_grad()
-    def pack_for_cpu_inference(self) -> GPT:
-        """Give every linear layer a prepacked copy of its weights for fast CPU decoding (fp32 or bf16).
-        The parameters stay as they are, so the state dict is unchanged; no-op where oneDNN is unavailable."""
-        w = self.wte.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
-            return self
-        for module in list(self.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and not isinstance(child, PackedLinear):
-                    setattr(module, name, PackedLinear(child.weight, child.bias))  # same parameters and keys
-        # a detached view: the head must not add a key to the state dict
-        self.packed_head = PackedLinear((w if self.lm_head is None else self.lm_head.weight).detach(), None)
-        return self
-
-    def forward(self, idx: Tensor, cache: KVCache | None = None, last_only: bool = False, targets: Tensor | None = None, unigram: Tensor | None = None) -> Tensor:
-        """Logits [B, T or 1, vocab]; with `targets` [B, T], the mean training loss instead (sampled over
-        the batch's own targets when given the `unigram` frequencies)."""
+    def forward(self, idx: Tensor, cache: KVCache | None = None, last_only: bool = False, hidden: bool = False) -> Tensor:
+        """Logits [B, T or 1, vocab]; with `hidden`, the final hidden states instead (what a training loss reads:
+        train/loss.py)."""
         h = self.hidden_states(idx, cache)
-        if targets is not None:
-            return self.lm_loss(h, targets, unigram)
+        if hidden:
+            return h
         return self.logits(h[:, -1:] if last_only else h)
 
     def num_params(self, embeddings: bool = True) -> int:

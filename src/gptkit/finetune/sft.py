@@ -12,6 +12,7 @@ import torch
 from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
+from ..train.loss import IGNORE_INDEX, model_loss
 from .data import read_text
 from .fit import finished, fit
 from .lora import merge_lora
@@ -57,8 +58,8 @@ def sft_loss(gpt: GPT, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor
     device = gpt.wte.weight.device
     ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in batch], device=device)
     mask = torch.tensor([m + [0] * (T - len(m)) for _, m in batch], device=device)
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # predict assistant tokens only
-    return gpt(ids[:, :-1], targets=targets)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # predict assistant tokens only
+    return model_loss(gpt, ids[:, :-1], targets)
 
 
 def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: str | Path,

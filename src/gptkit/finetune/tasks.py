@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..train.loss import IGNORE_INDEX
+from ..train.loss import lm_loss as language_model_loss
 from .data import Example
 from .fit import finished, fit
 from .lora import apply_lora, lora_state, merge_lora
@@ -71,8 +73,8 @@ class TaskModel(nn.Module):
             feats = h[torch.arange(len(seqs), device=device), lengths - 1]
         lm_loss = None
         if lm:  # the vocabulary-sized projection is most of a small model's cost: skip it when unused
-            targets = ids[:, 1:].masked_fill(~real[:, 1:], -100)
-            lm_loss = self.gpt.lm_loss(h[:, :-1], targets, unigram)
+            targets = ids[:, 1:].masked_fill(~real[:, 1:], IGNORE_INDEX)
+            lm_loss = language_model_loss(h[:, :-1], self.gpt.head_weight(), targets, unigram)
         counts = [len(example) for example in batch]
         if self.spec.task == "similar":  # both orders, summed
             return self.head(feats.view(len(batch), 2, -1).sum(1)), lm_loss

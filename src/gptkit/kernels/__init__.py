@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and cached.
 
-Only one for now: the skinny fp32 linear that bounds decoding speed (see gemv.c). Where no C compiler or
+Only one for now: the skinny fp32 linear that bounds decoding speed (see gemv.c); `packed.py` swaps it into a
+model's linear layers. Where no C compiler or
 OpenMP is available the loader returns None and callers keep their PyTorch path, so nothing depends on it.
 """
 

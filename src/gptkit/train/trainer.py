@@ -26,6 +26,7 @@ from ..data.corpora import CACHE
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from . import distributed
+from .loss import LanguageModelLoss
 from .metrics import MetricsLog, plot_losses
 from .optim import build_optimizers, lr_factor
 from .recipe import TrainConfig
@@ -282,7 +283,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
 def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
     quiet = quiet or not main
-    compiled = torch.compile(run.wrapped) if cfg.compile else run.wrapped
+    with_loss = LanguageModelLoss(model, run.wrapped)
+    compiled = torch.compile(with_loss) if cfg.compile else with_loss
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if run.bf16 else contextlib.nullcontext()
