@@ -4,7 +4,6 @@ detokenizer, and beam search. The loop that runs them over many rows is `engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch

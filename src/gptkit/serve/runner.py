@@ -3,6 +3,7 @@ request's callback out. A step that raises fails only the requests in it; the th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -126,3 +127,49 @@ class Runner:
             job.on_event(event)
         except Exception:  # a handler that went away (its event loop closed) must not stop the engine
             log.debug("could not deliver an event", exc_info=True)
+
+
+class Inbox:
+    """Events from the engine thread to one HTTP handler. The engine thread only appends; once per step
+    `Mailroom.deliver` wakes every handler with news in one call per event loop (not one per token), and
+    the handler takes everything that arrived meanwhile."""
+
+    def __init__(self, mailroom: Mailroom, loop: asyncio.AbstractEventLoop):
+        self.mailroom, self.loop, self.items, self.ready = mailroom, loop, [], asyncio.Event()
+
+    def put(self, item) -> None:  # engine thread
+        self.mailroom.post(self, item)
+
+    async def get_all(self, timeout: float) -> list:
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        with self.mailroom.lock:
+            items, self.items = self.items, []
+            self.ready.clear()
+        return items
+
+
+class Mailroom:
+    def __init__(self):
+        self.lock, self.news = threading.Lock(), set()
+
+    def post(self, inbox: Inbox, item) -> None:
+        with self.lock:
+            inbox.items.append(item)
+            self.news.add(inbox)
+
+    def deliver(self) -> None:  # engine thread, after each step
+        with self.lock:
+            news, self.news = self.news, set()
+        loops: dict[asyncio.AbstractEventLoop, list[Inbox]] = {}
+        for inbox in news:
+            loops.setdefault(inbox.loop, []).append(inbox)
+        for loop, inboxes in loops.items():
+            try:
+                loop.call_soon_threadsafe(_wake, inboxes)
+            except RuntimeError:  # that loop is closed: its handlers are gone
+                pass
+
+
+def _wake(inboxes: list[Inbox]) -> None:
+    for inbox in inboxes:
+        inbox.ready.set()

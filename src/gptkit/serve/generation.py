@@ -1,0 +1,204 @@
+"""One completion or chat-completion request as the engine runs it: one engine request per prompt and sample,
+their events gathered per engine step, and the answer as one JSON body or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..engine import Output
+from ..engine import Request as EngineRequest
+from ..generate import GenerationError
+from ..tokenizer import Tokenizer
+from .metrics import Metrics
+from .protocol import APIError, Sampling, engine_error, error_body, sampling_params, sse, token_budget
+from .runner import Inbox, Mailroom, QueueFull, Runner
+
+
+@dataclass
+class Server:
+    """What every request of one app shares."""
+    runner: Runner
+    mailroom: Mailroom
+    metrics: Metrics
+    tokenizer: Tokenizer
+    model_name: str
+    context: int
+
+
+@dataclass
+class Generation:
+    server: Server
+    kind: str  # "chat" or "text"
+    http: Request
+    body: Sampling
+    prompts: list[list[int]]
+    max_tokens: int | None
+    param: str  # the body field the prompt came from (for errors)
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    echo: list[str] | None = None  # completions: the prompts' text, to print before the completion
+    requests: list[EngineRequest] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created, self.arrived = int(time.time()), time.perf_counter()
+        self.object = "chat.completion" if self.kind == "chat" else "text_completion"
+        self.count = len(self.prompts) * self.body.n  # choices: index = prompt * n + sample
+        self.prompt_tokens = sum(len(p) for p in self.prompts) * self.body.n
+        self.last_seen: list[float | None] = [None] * self.count
+        self.offsets = [len(self.echo[i // self.body.n]) if self.echo else 0 for i in range(self.count)]
+
+    # --- submitting -----------------------------------------------------------------------------------------
+    def submit(self) -> None:
+        """Queue every sample's engine request; all or none (a full queue is a 429)."""
+        jobs = []
+        for p, prompt in enumerate(self.prompts):
+            limit = token_budget(prompt, self.max_tokens, self.server.context, self.param)
+            for j in range(self.body.n):
+                index = p * self.body.n + j
+                params = sampling_params(self.body, limit, index, self.stop, self.logprobs)
+                jobs.append((index, EngineRequest(prompt, params, self.stop_ids)))
+        runner = self.server.runner
+        if not runner.alive:
+            raise APIError(503, "the decoding engine is not running", "server_error")
+        self.inbox = Inbox(self.server.mailroom, asyncio.get_running_loop())
+        try:
+            for index, request in jobs:
+                runner.submit(request, lambda event, index=index: self.inbox.put((index, event)))
+                self.requests.append(request)
+        except (QueueFull, GenerationError) as e:
+            self.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
+                               code="queue_full", headers={"Retry-After": "1"}) from None
+            raise APIError(400, str(e), param=self.param) from None
+
+    def cancel(self) -> None:
+        """Done, failed, or the client went away: the engine frees the rows at its next step."""
+        for r in self.requests:
+            r.cancelled = True
+
+    # --- events ---------------------------------------------------------------------------------------------
+    async def batches(self) -> AsyncIterator[dict[int, tuple]]:
+        """Per wake-up, what each choice got since the last one: {index: (text, finish, logprobs, tokens)}
+        (under load a stream's tokens pile up and go out as one chunk). An engine error raises APIError."""
+        metrics, remaining = self.server.metrics, self.count
+        while remaining:
+            try:
+                events = await self.inbox.get_all(timeout=1.0)
+            except asyncio.TimeoutError:
+                if await self.http.is_disconnected():
+                    raise asyncio.CancelledError from None
+                continue
+            batch: dict[int, tuple] = {}
+            now = time.perf_counter()
+            for i, event in events:
+                if isinstance(event, Exception):
+                    metrics.requests.labels(self.kind, "error").inc()
+                    raise engine_error(event)
+                seen = self.last_seen[i]
+                (metrics.ttft.observe(now - self.arrived) if seen is None else metrics.token_latency.observe(now - seen))
+                self.last_seen[i] = now
+                text, _, block, tokens = batch.get(i, ("", None, None, 0))
+                batch[i] = (text + event.text, event.finish_reason, merge(block, self.logprob_block(i, event)),
+                            tokens + 1)
+                remaining -= event.finish_reason is not None
+            metrics.generated_tokens.inc(len(events))
+            yield batch
+        metrics.requests.labels(self.kind, "finished").inc(self.count)
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+
+    def logprob_block(self, i: int, out: Output) -> dict | None:
+        """The OpenAI logprobs of one token: chat's `content` entries or completions' parallel lists."""
+        lp, text_of = out.logprob, self.token_text
+        if lp is None:
+            return None
+        if self.kind == "chat":
+            if lp.token in self.stop_ids:
+                return {"content": []}
+
+            def entry(t: int, v: float) -> dict:
+                return {"token": text_of(t), "logprob": v, "bytes": list(text_of(t).encode())}
+            return {"content": [entry(lp.token, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top]}]}
+        text = text_of(lp.token)
+        block = {"tokens": [text], "token_logprobs": [lp.logprob],
+                 "top_logprobs": [{text_of(t): v for t, v in lp.top}], "text_offset": [self.offsets[i]]}
+        self.offsets[i] += len(text)
+        return block
+
+    def token_text(self, token: int) -> str:
+        return self.server.tokenizer.decode([token])
+
+    # --- answers --------------------------------------------------------------------------------------------
+    def usage(self, completion: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
+
+    def envelope(self, **fields) -> dict:
+        chunk = ".chunk" if self.kind == "chat" and self.body.stream else ""
+        return {"id": self.id, "object": self.object + chunk, "created": self.created,
+                "model": self.server.model_name, **fields}
+
+    def chunk(self, i: int, text: str | None, finish: str | None, logprobs=None, first: bool = False) -> str:
+        if self.kind == "chat":
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        return sse(self.envelope(choices=[choice]))
+
+    def stream(self) -> StreamingResponse:
+        async def events():
+            used = 0
+            try:
+                for i in range(self.count):
+                    if self.kind == "chat" or self.echo:
+                        yield self.chunk(i, self.echo[i // self.body.n] if self.echo else None, None, first=True)
+                async for batch in self.batches():
+                    used += sum(b[3] for b in batch.values())
+                    yield "".join(self.chunk(i, text, finish, block) for i, (text, finish, block, _) in batch.items())
+                if (self.body.stream_options or {}).get("include_usage"):
+                    yield sse(self.envelope(choices=[], usage=self.usage(used)))
+            except APIError as e:
+                yield sse(error_body(e.message, e.type, e.param, e.code))
+            finally:
+                self.cancel()
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect(self) -> dict:
+        texts = [self.echo[i // self.body.n] if self.echo else "" for i in range(self.count)]
+        finish: list[str | None] = [None] * self.count
+        blocks: list[dict | None] = [None] * self.count
+        used = 0
+        try:
+            async for batch in self.batches():
+                for i, (text, reason, block, tokens) in batch.items():
+                    texts[i], blocks[i], finish[i], used = texts[i] + text, merge(blocks[i], block), reason, used + tokens
+        finally:
+            self.cancel()
+        if self.kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": b, "finish_reason": f}
+                       for i, (t, b, f) in enumerate(zip(texts, blocks, finish))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": b, "finish_reason": f}
+                       for i, (t, b, f) in enumerate(zip(texts, blocks, finish))]
+        return self.envelope(choices=choices, usage=self.usage(used))
+
+    async def answer(self):
+        self.submit()
+        return self.stream() if self.body.stream else await self.collect()
+
+
+def merge(a: dict | None, b: dict | None) -> dict | None:
+    """Two logprob blocks of one choice as one (their lists joined)."""
+    return b if a is None else a if b is None else {k: a[k] + b[k] for k in a}
