@@ -139,12 +139,16 @@ def cmd_serve(args) -> None:
 OPTIONAL_MODULES = {"transformers": "hf", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
                     "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf"}  # module -> the extra
 
-TASK_FLAGS = {"classify": ("text",), "entail": ("premise", "hypothesis"), "similar": ("text_a", "text_b"),
-              "choice": ("context", "option")}
+def task_inputs(task: str) -> tuple[str, ...]:
+    """A task's input fields (finetune/data.py's FIELDS, less the label)."""
+    from .finetune.data import FIELDS
+
+    return tuple(f for f in FIELDS[task] if f != "label")
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import FinetuneConfig, finetune, load_examples
+    from .finetune import FinetuneConfig, SFTConfig, finetune, load_examples
+    from .finetune.data import hold_out
     from .finetune.sft import load_conversations, sft
 
     out, base = Path(args.out), Path(args.base)
@@ -156,17 +160,9 @@ def cmd_finetune(args) -> None:
     read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
         (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
     train = read(args.train)
-    val = read(args.val) if args.val else None
-    if val is None:  # hold out a tenth of the training examples
-        if len(train) < 2:
-            raise ValueError(f"{args.train} has {len(train)} usable example(s): too few to hold out a validation "
-                             f"tenth; give more, or a --val file")
-        cut = max(1, len(train) // 10)
-        train, val = train[cut:], train[:cut]
-    cfg = FinetuneConfig(task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         lm_weight=args.lm_weight, sampled_softmax=args.sampled_softmax, dropout=args.dropout,
-                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                         lora_targets=tuple(args.lora_targets.split(",")), patience=args.patience, pool=args.pool, device=args.device)
+    train, val = (train, read(args.val)) if args.val else hold_out(train, args.train)
+    kind = SFTConfig if args.task == "sft" else FinetuneConfig
+    cfg = kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind)})
     if out.exists() and args.overwrite and not args.resume:  # what was there (another run's state too) goes
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     if args.task == "sft":
@@ -183,9 +179,10 @@ def cmd_classify(args) -> None:
 
     model, tokenizer = load_task(args.checkpoint)
     task = model.spec.task
-    fields = {"options" if k == "option" else k: getattr(args, k) for k in TASK_FLAGS[task]}
+    fields = {k: getattr(args, k) for k in task_inputs(task)}
     if any(v in (None, []) for v in fields.values()):
-        raise ValueError(f"a {task} model needs " + " ".join(f"--{k.replace('_', '-')}" for k in TASK_FLAGS[task]))
+        flags = ("--option" if k == "options" else "--" + k.replace("_", "-") for k in fields)
+        raise ValueError(f"a {task} model needs " + " ".join(flags))
     label, probs = predict(model, tokenizer, fields)
     print(f"label: {label}")
     for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):
@@ -249,6 +246,22 @@ def cmd_eval(args) -> None:
         shown = f"{value:.4f}" if isinstance(value, float) else value
         print(f"{key:>{width}}  {shown}")
     print(f"written to {written}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, kind, help: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """A `--field-name` flag per field of the dataclass `kind`, with its type and default (one place for both)."""
+    for f in dataclasses.fields(kind):
+        if f.name in skip:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help.get(f.name))
+        elif f.type.startswith("tuple"):
+            parser.add_argument(flag, type=lambda text: tuple(text.split(",")), default=",".join(default),
+                                help=help.get(f.name))  # argparse passes a string default through `type`
+        else:
+            kind_of = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
+            parser.add_argument(flag, type=kind_of, default=default, help=help.get(f.name))
 
 
 def _train_epilog() -> str:
@@ -334,37 +347,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_generate)
 
+    from .finetune.data import FIELDS
+    from .finetune.tasks import HELP, FinetuneConfig
+
     s = sub.add_parser("finetune", help="fine-tune a checkpoint for a task (GPT-1 heads, LoRA)")
     s.add_argument("base", help="pre-trained checkpoint directory")
-    s.add_argument("--task", required=True, choices=[*TASK_FLAGS, "sft"])
+    s.add_argument("--task", required=True, choices=[*FIELDS, "sft"])
     s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples; sft: JSONL of "
                    '{"messages": [{"role": ..., "content": ...}]}')
     s.add_argument("--val", help="validation file (default: a tenth of --train)")
     s.add_argument("--out", required=True)
-    s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--lm-weight", type=float, default=0.5, help="auxiliary LM loss weight (GPT-1: 0.5)")
-    s.add_argument("--sampled-softmax", action="store_true",
-                   help="the auxiliary LM loss over each batch's own tokens only (cheaper for small models)")
-    s.add_argument("--dropout", type=float, help="dropout while fine-tuning (default: the base model's; GPT-1: 0.1)")
-    s.add_argument("--lora-rank", type=int, default=0, help="> 0: train LoRA adapters instead of all weights")
-    s.add_argument("--lora-alpha", type=float, default=16.0)
-    s.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.fc,mlp.proj")
-    s.add_argument("--patience", type=int, default=2, help="epochs without improvement before stopping")
-    s.add_argument("--pool", choices=["last", "mean"], default="last",
-                   help="classifier features: the extract token's hidden state (GPT-1) or the sequence mean")
+    add_config_flags(s, FinetuneConfig, HELP, skip=("task",))
     s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     s.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last epoch")
-    s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("classify", help="label a text with a fine-tuned task model")
     s.add_argument("checkpoint")
-    for name in ("text", "premise", "hypothesis", "text_a", "text_b", "context"):
+    for name in sorted({f for task in FIELDS for f in task_inputs(task)} - {"options"}):
         s.add_argument("--" + name.replace("_", "-"), dest=name)
-    s.add_argument("--option", action="append", default=[], help="a choice option (repeat)")
+    s.add_argument("--option", dest="options", action="append", default=[], help="a choice option (repeat)")
     s.set_defaults(func=cmd_classify)
 
     s = sub.add_parser("chat", help="talk to a chat model in the terminal")

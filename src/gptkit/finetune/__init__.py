@@ -2,7 +2,7 @@
 
 from .data import Example, TaskDataError, load_examples
 from .lora import LoRAError, apply_lora, merge_lora
-from .tasks import FinetuneConfig, FinetuneError, finetune, load_task, merge, predict
+from .tasks import FinetuneConfig, FinetuneError, SFTConfig, TuneConfig, finetune, load_task, merge, predict
 
 __all__ = ["Example", "TaskDataError", "load_examples", "LoRAError", "apply_lora", "merge_lora",
-           "FinetuneConfig", "FinetuneError", "finetune", "load_task", "merge", "predict"]
+           "FinetuneConfig", "FinetuneError", "SFTConfig", "TuneConfig", "finetune", "load_task", "merge", "predict"]

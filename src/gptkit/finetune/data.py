@@ -93,3 +93,12 @@ def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[E
     if not examples:
         raise TaskDataError(f"{path} has no examples")
     return examples
+
+
+def hold_out(examples: list, source: object, fraction: float = 0.1) -> tuple[list, list]:
+    """(train, validation): the first `fraction` of the examples validate, when no validation file is given."""
+    if len(examples) < 2:
+        raise TaskDataError(f"{source} has {len(examples)} usable example(s): too few to hold out a validation "
+                            f"tenth; give more, or a --val file")
+    cut = max(1, int(len(examples) * fraction))
+    return examples[cut:], examples[:cut]

@@ -16,7 +16,7 @@ from ..train.loss import IGNORE_INDEX, model_loss
 from .data import read_text
 from .fit import finished, fit
 from .lora import merge_lora
-from .tasks import FinetuneConfig, FinetuneError, prepare_base, run_identity
+from .tasks import FinetuneError, TuneConfig, prepare_base, run_identity
 
 
 def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[dict]]:
@@ -63,7 +63,7 @@ def sft_loss(gpt: GPT, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor
 
 
 def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: str | Path,
-        cfg: FinetuneConfig, quiet: bool = False, resume: bool = False) -> dict:
+        cfg: TuneConfig, quiet: bool = False, resume: bool = False) -> dict:
     """Fine-tune `base` on conversations; the best validation epoch is saved as a plain checkpoint (LoRA
     adapters are merged in, so `gptkit chat` and `gptkit serve` use it as it is). Every epoch is
     checkpointed: `resume=True` continues a killed run from its last epoch."""
@@ -80,12 +80,14 @@ def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: s
         return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
     def evaluate() -> dict:
-        loss = sum(sft_loss(gpt, held[i:i + 32]).item() * len(held[i:i + 32]) for i in range(0, len(held), 32))
+        n = cfg.eval_batch
+        loss = sum(sft_loss(gpt, held[i:i + n]).item() * len(held[i:i + n]) for i in range(0, len(held), n))
         return {"val_loss": loss / len(held)}
 
     group = {"params": trainable, "weight_decay": 0.0 if cfg.lora_rank else cfg.weight_decay}
     result = fit(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
-                 "val_loss", rng, Path(out), run_identity(base, cfg), lower_is_better=True, resume=resume, quiet=quiet)
+                 "val_loss", rng, Path(out), run_identity(base, cfg), lower_is_better=True, clip=cfg.clip_norm,
+                 resume=resume, quiet=quiet)
     merge_lora(gpt)
     checkpoint.save(out, gpt.eval(), tokenizer)
     finished(out)

@@ -105,7 +105,7 @@ def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple
     return gpt, tokenizer, first_new
 
 
-def prepare_base(base: str | Path, cfg: FinetuneConfig, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
+def prepare_base(base: str | Path, cfg: TuneConfig, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
     """The base checkpoint ready to fine-tune: seeded, `tokens` added to its vocabulary, and with LoRA
     (cfg.lora_rank > 0) only the adapters and the new tokens' embedding rows left trainable."""
     torch.manual_seed(cfg.seed)
@@ -179,20 +179,19 @@ def length_batches(items: list[tuple[list[list[int]], int]], batch_size: int, rn
 
 
 @dataclass
-class FinetuneConfig:
-    task: str = "classify"
+class TuneConfig:
+    """What every fine-tuning run has, task heads and SFT alike (the CLI's flags are made from these fields)."""
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-4
     weight_decay: float = 0.01
-    lm_weight: float = 0.5  # GPT-1's auxiliary language-modelling loss
-    sampled_softmax: bool = False  # that loss over each batch's own targets only (cheaper for small models)
     dropout: float | None = None  # None: the base model's (GPT-1 fine-tuned with 0.1)
-    pool: str = "last"  # "last": GPT-1's extract token; "mean": the average hidden state
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
-    patience: int = 2  # epochs without a better validation accuracy before stopping
+    patience: int = 2  # epochs without a better validation score before stopping
+    clip_norm: float = 1.0  # gradient clipping
+    eval_batch: int = 32  # sequences per validation batch
     from_scratch: bool = False  # re-initialise the base weights (a baseline)
     seed: int = 0
     device: str = "cpu"
@@ -200,13 +199,41 @@ class FinetuneConfig:
     def __post_init__(self):
         checks = [(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
                   (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+                  (self.eval_batch >= 1, f"eval_batch must be at least 1, got {self.eval_batch}"),
                   (self.lr > 0, f"lr must be positive, got {self.lr}"),
                   (self.patience >= 1, f"patience must be at least 1, got {self.patience}"),
+                  (self.clip_norm > 0, f"clip_norm must be positive, got {self.clip_norm}"),
                   (self.lora_rank >= 0, f"lora_rank must be 0 or more, got {self.lora_rank}"),
                   (self.dropout is None or 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")]
         for ok, msg in checks:
             if not ok:
                 raise FinetuneError(msg)
+
+
+@dataclass
+class FinetuneConfig(TuneConfig):
+    """A GPT-1 task head's fine-tuning."""
+    task: str = "classify"
+    lm_weight: float = 0.5  # GPT-1's auxiliary language-modelling loss
+    sampled_softmax: bool = False  # that loss over each batch's own targets only (cheaper for small models)
+    pool: str = "last"  # "last": GPT-1's extract token; "mean": the average hidden state
+
+
+@dataclass
+class SFTConfig(TuneConfig):
+    """Instruction / chat fine-tuning: the shared fields only."""
+
+
+HELP = {  # the CLI's help for the fields above
+    "epochs": "passes over the training examples", "batch_size": "examples per step", "lr": "peak learning rate",
+    "weight_decay": "AdamW weight decay", "dropout": "dropout while fine-tuning (default: the base model's)",
+    "lora_rank": "> 0: train LoRA adapters of this rank instead of all weights", "lora_alpha": "LoRA scale",
+    "lora_targets": "comma-separated linear layers LoRA adapts", "patience": "epochs without improvement before "
+    "stopping", "clip_norm": "gradient clipping norm", "eval_batch": "sequences per validation batch",
+    "from_scratch": "re-initialise the base weights (a baseline)", "seed": "random seed", "device": "cpu, cuda, ...",
+    "lm_weight": "auxiliary LM loss weight (GPT-1: 0.5)", "sampled_softmax": "the auxiliary LM loss over each "
+    "batch's own tokens only (cheaper for small models)", "pool": "classifier features: the extract token's hidden "
+    "state (GPT-1: last) or the sequence mean"}
 
 
 def finetune(base: str | Path, train: list[Example], val: list[Example], out: str | Path,
@@ -241,15 +268,15 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
 
     result = fit(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                  cfg.lr, cfg.epochs, cfg.patience, lambda r: length_batches(encoded, cfg.batch_size, r), loss,
-                 lambda: {"val_accuracy": accuracy(model, tokenizer, val)}, "val_accuracy", rng, Path(out),
-                 run_identity(base, cfg, labels), warmup=0.02, resume=resume, quiet=quiet)
+                 lambda: {"val_accuracy": accuracy(model, tokenizer, val, cfg.eval_batch)}, "val_accuracy", rng,
+                 Path(out), run_identity(base, cfg, labels), warmup=0.02, clip=cfg.clip_norm, resume=resume, quiet=quiet)
     save_task(model, tokenizer, Path(out), base=Path(base), lora=cfg if cfg.lora_rank else None, first_new=first_new)
     finished(out)
     return {"val_accuracy": result.best, "epochs": result.history, "trainable_params": n_trainable,
             "total_params": sum(p.numel() for p in model.parameters())}
 
 
-def run_identity(base: str | Path, cfg: FinetuneConfig, labels: tuple = ()) -> dict:
+def run_identity(base: str | Path, cfg: TuneConfig, labels: tuple = ()) -> dict:
     """What a resumed fine-tuning run must share with the one it continues (more epochs are fine)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("epochs", "patience", "device")}
     return {"base": str(Path(base).resolve()), "labels": list(labels), **settings}
