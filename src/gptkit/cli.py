@@ -274,6 +274,145 @@ def _train_epilog() -> str:
             f"{fields}; model.FIELD=VALUE changes a field of the preset's model config (e.g. model.n_layer=6).")
 
 
+def _add_info(sub) -> None:
+    s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
+    s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
+    s.set_defaults(func=cmd_info)
+
+
+def _add_prepare(sub) -> None:
+    s = sub.add_parser("prepare", help="tokenize text into train/val shards (default: the embedded corpus)")
+    s.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
+    s.add_argument("--jsonl", action="append", default=[], help="JSONL file(s) with a text field (repeatable)")
+    s.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
+    s.add_argument("--corpus", action="append", default=[],
+                   help="named corpus: python (embedded: stdlib source + pydoc), tinyshakespeare (download)")
+    s.add_argument("--hf-dataset", action="append", default=[], help="Hugging Face dataset name (online)")
+    s.add_argument("--tokenizer", default="bpe", choices=["char", "bpe", "gpt2", "cl100k"])
+    s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: smallest that fits)")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.set_defaults(func=cmd_prepare)
+
+
+def _add_train(sub) -> None:
+    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
+                       epilog=_train_epilog())
+    s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
+    s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
+    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
+    s.add_argument("--out", help="run directory (a checkpoint directory)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--time-limit", type=float, metavar="SECONDS")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
+    s.set_defaults(func=cmd_train)
+
+
+def _add_generate(sub) -> None:
+    s = sub.add_parser("generate", help="sample text from a checkpoint, streaming to the terminal")
+    s.add_argument("checkpoint")
+    s.add_argument("--prompt", help="prompt text (default: read standard input)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_generate)
+
+
+def _add_finetune(sub) -> None:
+    from .finetune.data import FIELDS
+    from .finetune.tasks import HELP, FinetuneConfig
+
+    s = sub.add_parser("finetune", help="fine-tune a checkpoint for a task (GPT-1 heads, LoRA)")
+    s.add_argument("base", help="pre-trained checkpoint directory")
+    s.add_argument("--task", required=True, choices=[*FIELDS, "sft"])
+    s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples; sft: JSONL of "
+                   '{"messages": [{"role": ..., "content": ...}]}')
+    s.add_argument("--val", help="validation file (default: a tenth of --train)")
+    s.add_argument("--out", required=True)
+    add_config_flags(s, FinetuneConfig, HELP, skip=("task",))
+    s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    s.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last epoch")
+    s.set_defaults(func=cmd_finetune)
+
+
+def _add_classify(sub) -> None:
+    from .finetune.data import FIELDS
+
+    s = sub.add_parser("classify", help="label a text with a fine-tuned task model")
+    s.add_argument("checkpoint")
+    for name in sorted({f for task in FIELDS for f in task_inputs(task)} - {"options"}):
+        s.add_argument("--" + name.replace("_", "-"), dest=name)
+    s.add_argument("--option", dest="options", action="append", default=[], help="a choice option (repeat)")
+    s.set_defaults(func=cmd_classify)
+
+
+def _add_chat(sub) -> None:
+    s = sub.add_parser("chat", help="talk to a chat model in the terminal")
+    s.add_argument("checkpoint")
+    s.add_argument("--system", help="system message")
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_chat)
+
+
+def _add_merge(sub) -> None:
+    s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain task checkpoint")
+    s.add_argument("adapter")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_merge)
+
+
+def _add_eval(sub) -> None:
+    s = sub.add_parser("eval", help="measure a checkpoint: ppl, choice, lambada, classify, generate")
+    s.add_argument("checkpoint")
+    s.add_argument("--task", required=True, choices=["ppl", "choice", "lambada", "classify", "generate"])
+    s.add_argument("--data", required=True, help="text file or prepared data dir (ppl), JSONL (choice: ctx, "
+                   "endings, label; generate: prompt, reference), text lines (lambada), labelled file (classify)")
+    s.add_argument("--stride", type=int, help="ppl: sliding-window stride (default: half the context)")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per answer")
+    s.add_argument("--skip-bad", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
+    s.add_argument("checkpoint")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
+    s.add_argument("--model-name", help="model id clients use (default: the checkpoint directory's name)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (rows of the KV cache)")
+    s.add_argument("--max-queue", type=int, help="requests waiting for a row before new ones get 429 "
+                   "(default: 32 per CPU core, at least 64)")
+    s.add_argument("--request-timeout", type=float, default=600, metavar="SECONDS",
+                   help="a request still running after this long fails with 504")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
+
+def _add_convert(sub) -> None:
+    s = sub.add_parser("convert", help="convert to and from Hugging Face transformers checkpoints")
+    s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")
+    s.add_argument("--from-hf", metavar="SRC", help="transformers checkpoint directory or hub name")
+    s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf)")
+    s.add_argument("--to-hf", metavar="OUT", help="output transformers directory")
+    s.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -299,121 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     sub.add_parser = add_parser
-
-    s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
-    s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("prepare", help="tokenize text into train/val shards (default: the embedded corpus)")
-    s.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
-    s.add_argument("--jsonl", action="append", default=[], help="JSONL file(s) with a text field (repeatable)")
-    s.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
-    s.add_argument("--corpus", action="append", default=[],
-                   help="named corpus: python (embedded: stdlib source + pydoc), tinyshakespeare (download)")
-    s.add_argument("--hf-dataset", action="append", default=[], help="Hugging Face dataset name (online)")
-    s.add_argument("--tokenizer", default="bpe", choices=["char", "bpe", "gpt2", "cl100k"])
-    s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: smallest that fits)")
-    s.add_argument("--out", required=True, help="data directory to write")
-    s.set_defaults(func=cmd_prepare)
-
-    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
-                       epilog=_train_epilog())
-    s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
-    s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
-    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
-    s.add_argument("--out", help="run directory (a checkpoint directory)")
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--time-limit", type=float, metavar="SECONDS")
-    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("generate", help="sample text from a checkpoint, streaming to the terminal")
-    s.add_argument("checkpoint")
-    s.add_argument("--prompt", help="prompt text (default: read standard input)")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--min-p", type=float)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--num-beams", type=int, default=1)
-    s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_generate)
-
-    from .finetune.data import FIELDS
-    from .finetune.tasks import HELP, FinetuneConfig
-
-    s = sub.add_parser("finetune", help="fine-tune a checkpoint for a task (GPT-1 heads, LoRA)")
-    s.add_argument("base", help="pre-trained checkpoint directory")
-    s.add_argument("--task", required=True, choices=[*FIELDS, "sft"])
-    s.add_argument("--train", required=True, help="JSONL, CSV or TSV of labelled examples; sft: JSONL of "
-                   '{"messages": [{"role": ..., "content": ...}]}')
-    s.add_argument("--val", help="validation file (default: a tenth of --train)")
-    s.add_argument("--out", required=True)
-    add_config_flags(s, FinetuneConfig, HELP, skip=("task",))
-    s.add_argument("--skip-bad", action="store_true", help="skip malformed lines instead of failing")
-    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
-    s.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last epoch")
-    s.set_defaults(func=cmd_finetune)
-
-    s = sub.add_parser("classify", help="label a text with a fine-tuned task model")
-    s.add_argument("checkpoint")
-    for name in sorted({f for task in FIELDS for f in task_inputs(task)} - {"options"}):
-        s.add_argument("--" + name.replace("_", "-"), dest=name)
-    s.add_argument("--option", dest="options", action="append", default=[], help="a choice option (repeat)")
-    s.set_defaults(func=cmd_classify)
-
-    s = sub.add_parser("chat", help="talk to a chat model in the terminal")
-    s.add_argument("checkpoint")
-    s.add_argument("--system", help="system message")
-    s.add_argument("--max-new-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_chat)
-
-    s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a plain task checkpoint")
-    s.add_argument("adapter")
-    s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_merge)
-
-    s = sub.add_parser("eval", help="measure a checkpoint: ppl, choice, lambada, classify, generate")
-    s.add_argument("checkpoint")
-    s.add_argument("--task", required=True, choices=["ppl", "choice", "lambada", "classify", "generate"])
-    s.add_argument("--data", required=True, help="text file or prepared data dir (ppl), JSONL (choice: ctx, "
-                   "endings, label; generate: prompt, reference), text lines (lambada), labelled file (classify)")
-    s.add_argument("--stride", type=int, help="ppl: sliding-window stride (default: half the context)")
-    s.add_argument("--max-new-tokens", type=int, default=64, help="generate: tokens per answer")
-    s.add_argument("--skip-bad", action="store_true")
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
-    s.add_argument("checkpoint")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
-    s.add_argument("--model-name", help="model id clients use (default: the checkpoint directory's name)")
-    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (rows of the KV cache)")
-    s.add_argument("--max-queue", type=int, help="requests waiting for a row before new ones get 429 "
-                   "(default: 32 per CPU core, at least 64)")
-    s.add_argument("--request-timeout", type=float, default=600, metavar="SECONDS",
-                   help="a request still running after this long fails with 504")
-    s.add_argument("--device", default="cpu")
-    s.set_defaults(func=cmd_serve)
-
-    s = sub.add_parser("convert", help="convert to and from Hugging Face transformers checkpoints")
-    s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")
-    s.add_argument("--from-hf", metavar="SRC", help="transformers checkpoint directory or hub name")
-    s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf)")
-    s.add_argument("--to-hf", metavar="OUT", help="output transformers directory")
-    s.set_defaults(func=cmd_convert)
+    _add_info(sub)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_finetune(sub)
+    _add_classify(sub)
+    _add_chat(sub)
+    _add_merge(sub)
+    _add_eval(sub)
+    _add_serve(sub)
+    _add_convert(sub)
     return p
 
 
