@@ -11,7 +11,7 @@ from . import available, skinny_linear
 
 class PackedLinear(nn.Module):
     """Inference-only CPU linear layer for decoding, whose speed is the speed at which weights stream from memory.
-    A few fp32 rows (up to 16) go through gptkit's native skinny kernel (gemv.c), more rows through PyTorch's
+    Up to 64 fp32 rows go through gptkit's native skinny kernel (gemv.c), more rows through PyTorch's
     GEMM. Without a C compiler, every call goes through oneDNN's prepacked weight layout (a second copy of the
     weights), which still streams them faster than the BLAS matrix-vector path. Where autograd needs the
     weights (training through a packed model), the plain `F.linear`."""
