@@ -47,7 +47,7 @@ def test_ddp_and_fsdp_match_one_process(data, tmp_path):
     for other in ("ddp", "fsdp"):
         for (s1, a), (s2, b) in zip(one, losses(tmp_path / other), strict=True):
             assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
-    assert (tmp_path / "fsdp" / "dcp").is_dir()
+    assert [p.name for p in (tmp_path / "fsdp").glob("dcp*")] == ["dcp-00000006"]
     checkpoint.load_model(tmp_path / "fsdp")  # the single-file export loads in one process
 
 
@@ -75,3 +75,17 @@ def test_bad_distributed_settings(data, tmp_path):
                        env=env, timeout=120)
     assert r.returncode == 1 and "with strategy fsdp" in r.stderr
 
+
+
+def test_an_fsdp_crash_between_shards_and_state_resumes_the_previous_checkpoint_whole(data, tmp_path):
+    """A crash after step 6's shards landed but before its train_state.pt did (and a leftover dcp.old): the
+    resumed run continues from step 3 as an uninterrupted one does, not from step-6 weights with step-3 state."""
+    gptkit_train(tmp_path / "base", data, "--max-steps", "3", "strategy=fsdp", procs=2)
+    shutil.copytree(tmp_path / "base", tmp_path / "whole")
+    gptkit_train(tmp_path / "whole", data, "--max-steps", "6", "--resume", "strategy=fsdp", procs=2)
+    shutil.copytree(tmp_path / "whole" / "dcp-00000006", tmp_path / "base" / "dcp-00000006")  # the crash
+    (tmp_path / "base" / "dcp.old").mkdir()
+    gptkit_train(tmp_path / "base", data, "--max-steps", "6", "--resume", "strategy=fsdp", procs=2)
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "whole"), losses(tmp_path / "base"), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, abs=1e-6)
+    assert [p.name for p in (tmp_path / "base").glob("dcp*")] == ["dcp-00000006"]

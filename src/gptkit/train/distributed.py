@@ -104,14 +104,17 @@ def barrier(d: Dist) -> None:
 SHARDS_DIR = "dcp"
 
 
-def save_sharded(out: Path, model: nn.Module, optimizers: list, d: Dist) -> dict[str, torch.Tensor]:
-    """Save model + optimizer shards with torch.distributed.checkpoint into out/dcp (swapped in whole when
-    complete) and return the full model state dict (gathered to CPU, on rank 0) for the single-file export."""
+def save_sharded(out: Path, model: nn.Module, optimizers: list, d: Dist, step: int) -> tuple[dict, str]:
+    """Save model + optimizer shards with torch.distributed.checkpoint into out/dcp-STEP (renamed into place
+    whole when complete) and return the full model state dict (gathered to CPU, on rank 0) for the
+    single-file export, and the directory's name. The checkpoint is committed only when train_state.pt naming
+    that directory lands (see `drop_old_shards`): a crash in between resumes from the previous one, whole."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    tmp = out / (SHARDS_DIR + ".tmp")
+    name = f"{SHARDS_DIR}-{step:08d}"
+    final, tmp = out / name, out / (name + ".tmp")
     if d.main and tmp.exists():
         shutil.rmtree(tmp)
     barrier(d)
@@ -122,17 +125,23 @@ def save_sharded(out: Path, model: nn.Module, optimizers: list, d: Dist) -> dict
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     barrier(d)
     if d.main:
-        final, old = out / SHARDS_DIR, out / (SHARDS_DIR + ".old")
-        if final.exists():
-            os.replace(final, old)
+        if final.exists():  # the same step saved again (a resumed run's last step)
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
     barrier(d)
-    return full
+    return full, name
 
 
-def load_sharded(out: Path, model: nn.Module, optimizers: list) -> None:
-    """Load out/dcp into a model and optimizers sharded over any number of processes (DCP reshards)."""
+def drop_old_shards(out: Path, keep: str) -> None:
+    """After the commit: every other shard directory (older steps, leftovers of a crash, the old `dcp` and
+    `dcp.old` layout) goes. Rank 0 only."""
+    for path in out.glob(SHARDS_DIR + "*"):
+        if path.name != keep and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_sharded(out: Path, model: nn.Module, optimizers: list, name: str = SHARDS_DIR) -> None:
+    """Load out/NAME into a model and optimizers sharded over any number of processes (DCP reshards)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -140,7 +149,7 @@ def load_sharded(out: Path, model: nn.Module, optimizers: list) -> None:
     state = {"model": get_model_state_dict(model)}
     for i, opt in enumerate(optimizers):
         state[f"optim{i}"] = get_optimizer_state_dict(model, opt)
-    dcp.load(state, checkpoint_id=str(out / SHARDS_DIR))
+    dcp.load(state, checkpoint_id=str(out / name))
     set_model_state_dict(model, state["model"])
     for i, opt in enumerate(optimizers):
         set_optimizer_state_dict(model, opt, state[f"optim{i}"])

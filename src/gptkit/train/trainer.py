@@ -169,7 +169,7 @@ class Run:
     def restore(self, path: Path) -> None:
         state = read_state(path)
         if self.sharded:
-            distributed.load_sharded(self.out, self.model, self.optimizers)
+            distributed.load_sharded(self.out, self.model, self.optimizers, state.get("shards") or distributed.SHARDS_DIR)
         else:
             for opt, sd in zip(self.optimizers, state["optimizers"]):
                 opt.load_state_dict(sd)
@@ -180,13 +180,14 @@ class Run:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
     def save(self) -> None:
-        full = distributed.save_sharded(self.out, self.model, self.optimizers, self.dist) if self.sharded else None
+        full, shards = (distributed.save_sharded(self.out, self.model, self.optimizers, self.dist, self.step)
+                        if self.sharded else (None, None))
         if not self.dist.main:
             distributed.barrier(self.dist)
             return
         state = {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "optimizer": self.cfg.optimizer,
-            "sharded": self.sharded, "world": self.dist.world,
+            "sharded": self.sharded, "shards": shards, "world": self.dist.world,
             "optimizers": None if self.sharded else [opt.state_dict() for opt in self.optimizers],
             "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
@@ -201,6 +202,8 @@ class Run:
             raise TrainError(f"could not write the checkpoint at step {self.step}: {e}; {self.last_good()}") from None
         finally:
             distributed.barrier(self.dist)
+        if shards:  # committed: the shards train_state.pt names are the only ones kept
+            distributed.drop_old_shards(self.out, shards)
         self.saved_step = self.step
 
     def last_good(self) -> str:
