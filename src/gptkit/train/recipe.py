@@ -11,6 +11,10 @@ from typing import Literal
 from ..config import preset
 
 
+LIMITS = ("max_steps", "max_tokens", "time_limit")
+DEFAULT_TIME_LIMIT = 120.0  # seconds: what a bare `gptkit train` trains for
+
+
 class RecipeError(ValueError):
     """A recipe file or override that does not describe a valid run."""
 
@@ -83,6 +87,11 @@ class TrainConfig:
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def has_limit(overrides: list[str]) -> bool:
+    """Whether `key=value` overrides set one of the run's limits."""
+    return any(o.split("=")[0].strip().replace("-", "_") in LIMITS for o in overrides)
 
 
 def _parse_value(text: str):
