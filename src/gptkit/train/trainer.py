@@ -283,6 +283,38 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             raise
 
 
+def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches (gradients all-reduced on the last); the summed loss."""
+    factor = lr_factor(run.step, run.progress(), cfg)
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.grad_accum):
+        x, y = run.train_data.batch(cfg.batch_size, run.block, run.data_rng, run.rows)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with distributed.grad_sync(run.wrapped, micro == run.grad_accum - 1):
+            with autocast():
+                loss = compiled(x, targets=y, unigram=unigram)
+            (loss / run.grad_accum).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def _plain_progress(run: Run, loss: float) -> None:
+    """A progress line for a log file (stderr is not a terminal, so there is no bar)."""
+    p = run.progress()
+    eta = max(0.0, run.elapsed * (1 - p) / p) if p > 0 else math.nan
+    print(f"step {run.step}: loss {loss:.4f}, {run.tokens:,} tokens, {run.tokens / max(run.elapsed, 1e-9):,.0f} tok/s, "
+          f"{p:.0%} done, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
 def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
     quiet = quiet or not main
@@ -307,25 +339,7 @@ def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopReque
     window_t, window_steps = time.perf_counter(), 0
     while run.progress() < 1:
         t0 = time.perf_counter()
-        factor = lr_factor(run.step, run.progress(), cfg)
-        for opt in run.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * factor
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(run.grad_accum):
-            x, y = run.train_data.batch(cfg.batch_size, run.block, run.data_rng, run.rows)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with distributed.grad_sync(run.wrapped, micro == run.grad_accum - 1):
-                with autocast():
-                    loss = compiled(x, targets=y, unigram=unigram)
-                (loss / run.grad_accum).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in run.optimizers:
-            opt.step()
-        for opt in run.optimizers:
-            opt.zero_grad(set_to_none=True)
+        loss_sum = _optimizer_step(run, cfg, compiled, autocast, unigram)
         run.step += 1
         run.tokens += tokens_per_step
         run.elapsed += time.perf_counter() - t0
@@ -347,10 +361,7 @@ def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopReque
             window_t, window_steps = time.perf_counter(), 0
         if plain and (time.perf_counter() - last_line >= cfg.progress_seconds or done):
             last_line = time.perf_counter()
-            p = run.progress()
-            eta = max(0.0, run.elapsed * (1 - p) / p) if p > 0 else math.nan
-            print(f"step {run.step}: loss {loss_value:.4f}, {run.tokens:,} tokens, {run.tokens / max(run.elapsed, 1e-9):,.0f} tok/s, "
-                  f"{p:.0%} done, ETA {eta:.0f}s", file=sys.stderr, flush=True)
+            _plain_progress(run, loss_value)
         if stop.signal is not None:
             run.save()
             break
