@@ -125,3 +125,19 @@ def test_decode_rejects_ids_outside_vocabulary(bpe):
 def test_trained_bpe_merges_whole_words():
     tok = Tokenizer.train_bpe(["hello world, hello again world " * 200], vocab_size=300)
     assert [tok.decode([i]) for i in tok.encode("hello world")] == ["hello", " world"]
+
+
+def test_char_vocabulary_runs_on_the_one_engine_and_old_chars_json_still_loads(tmp_path):
+    import json
+
+    tok = Tokenizer.char("hello world\n🙂")
+    assert tok.to_json()[0] == "tokenizer.json" and tok.describe().startswith("char")
+    assert tok.decode(tok.encode("hello 🙂\n")) == "hello 🙂\n" and len(tok.encode("hello 🙂\n")) == 8
+    with pytest.raises(TokenizerError, match="'z' is not in this character-level vocabulary"):
+        tok.encode("hez")
+    old = tmp_path / "old"  # a checkpoint written before the char vocabulary moved to the engine
+    old.mkdir()
+    (old / "chars.json").write_text(json.dumps({"chars": tok.chars, "special": tok.special}))
+    again = Tokenizer.load(old)
+    assert again.encode("hello<|endoftext|>", allow_special=True) == tok.encode("hello<|endoftext|>", allow_special=True)
+    assert again.special == tok.special and again.vocab_size == tok.vocab_size

@@ -31,7 +31,7 @@ def test_training_learns_and_leaves_a_usable_run_directory(data, tmp_path):
     result = train(recipe(data, tmp_path / "run", "max_steps=60", "lr=3e-3"), quiet=True)
     assert result["val_loss"] < 2.2  # from ln(12 chars) = 2.5 at the start
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.json", "model.safetensors", "chars.json", "train_state.pt", "metrics.jsonl", "loss.png"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt", "metrics.jsonl", "loss.png"} <= names
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = gptkit.load(tmp_path / "run").generate("the ", max_new_tokens=20, temperature=0)
     assert len(text) == 20

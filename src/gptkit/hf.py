@@ -227,7 +227,7 @@ def convert_to_hf(src: Path, out: Path) -> Path:
     missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]  # tied to the embedding
     _require(not missing and not unexpected, f"conversion left {missing or unexpected} unmatched")
     hf_model.save_pretrained(str(out))
-    if tokenizer is not None and tokenizer.engine is not None:
+    if tokenizer is not None:
         eot = EOT if EOT in tokenizer.special else None
         transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.engine, eos_token=eot,
                                              bos_token=eot).save_pretrained(str(out))

@@ -72,19 +72,18 @@ def _byte_level(engine: HFTokenizer, pattern: str) -> HFTokenizer:
 class Tokenizer:
     """Text <-> token ids. Special tokens come only from `encode(..., allow_special=True)`."""
 
-    def __init__(self, engine: HFTokenizer | None = None, chars: list[str] | None = None,
-                 special: dict[str, int] | None = None):
-        self.engine, self.chars = engine, chars
-        if engine is not None:
-            engine.encode_special_tokens = True  # ordinary text never yields a special token
-            special = {t.content: i for i, t in engine.get_added_tokens_decoder().items() if t.special}
-            self.vocab_size = max(engine.get_vocab_size(with_added_tokens=True), max(special.values(), default=-1) + 1)
-        else:
-            self.stoi = {c: i for i, c in enumerate(chars)}
-            self.vocab_size = len(chars) + len(special or {})
-        self.special = dict(special or {})
+    def __init__(self, engine: HFTokenizer):
+        self.engine = engine
+        engine.encode_special_tokens = True  # ordinary text never yields a special token
+        self.special = {t.content: i for i, t in engine.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = max(engine.get_vocab_size(with_added_tokens=True), max(self.special.values(), default=-1) + 1)
         self.special_by_id = {i: t for t, i in self.special.items()}
         self._special_re = re.compile("|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) or "(?!)")
+        # a character vocabulary: one token per character, joined back as they are (its marks: the Fuse decoder)
+        self.chars: list[str] | None = None
+        if isinstance(engine.decoder, decoders.Fuse):
+            vocab = engine.get_vocab(with_added_tokens=False)
+            self.chars = sorted(vocab, key=vocab.__getitem__)
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -93,7 +92,17 @@ class Tokenizer:
         chars = sorted(set(text))
         if not chars:
             raise TokenizerError("cannot build a character vocabulary from empty text")
-        return cls(chars=chars, special={EOT: len(chars)})
+        return cls.from_chars(chars, {EOT: len(chars)})
+
+    @classmethod
+    def from_chars(cls, chars: list[str], special: dict[str, int]) -> Tokenizer:
+        """A character vocabulary on the BPE engine: one pre-token per character, no merges."""
+        engine = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+        engine.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        engine.decoder = decoders.Fuse()
+        for tok, i in sorted(special.items(), key=lambda kv: kv[1]):
+            _add_special_at(engine, tok, i)
+        return cls(engine)
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, special: Iterable[str] = (EOT, *CHAT_TOKENS)) -> Tokenizer:
@@ -156,12 +165,12 @@ class Tokenizer:
         return self.special[EOT]
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        if self.engine is not None:
-            return self.engine.encode(text, add_special_tokens=False).ids
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise TokenizerError(f"character {e.args[0]!r} is not in this character-level vocabulary") from None
+        ids = self.engine.encode(text, add_special_tokens=False).ids
+        if self.chars is not None and len(ids) != len(text):  # the engine skips what it has no token for
+            known = set(self.chars)
+            raise TokenizerError(f"character {next(c for c in text if c not in known)!r} is not in this "
+                                 f"character-level vocabulary")
+        return ids
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if not allow_special:
@@ -174,32 +183,24 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Ordinary-text encoding of many documents (parallel in the BPE engine)."""
-        if self.engine is not None:
-            return [e.ids for e in self.engine.encode_batch(texts, add_special_tokens=False)]
-        return [self._encode_ordinary(t) for t in texts]
+        if self.chars is not None:
+            return [self._encode_ordinary(t) for t in texts]
+        return [e.ids for e in self.engine.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
-        if self.engine is not None:
-            return self.engine.decode(ids, skip_special_tokens=False)
-        n = len(self.chars)
-        return "".join(self.chars[i] if i < n else self.special_by_id[i] for i in ids)
+        return self.engine.decode(ids, skip_special_tokens=False)
 
     def add_special_tokens(self, tokens: Iterable[str]) -> Tokenizer:
         """A tokenizer with `tokens` appended as special tokens (existing ids unchanged)."""
         new = [t for t in tokens if t not in self.special]
-        if self.engine is not None:
-            engine = HFTokenizer.from_str(self.engine.to_str())
-            for t in new:
-                _add_special_at(engine, t, max(self.vocab_size, engine.get_vocab_size(with_added_tokens=True)))
-            return Tokenizer(engine)
-        special = dict(self.special)
+        engine = HFTokenizer.from_str(self.engine.to_str())
         for t in new:
-            special[t] = len(self.chars) + len(special)
-        return Tokenizer(chars=self.chars, special=special)
+            _add_special_at(engine, t, max(self.vocab_size, engine.get_vocab_size(with_added_tokens=True)))
+        return Tokenizer(engine)
 
     # --- chat -----------------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict], with_mask: bool = False, reply: bool = True):
@@ -235,9 +236,7 @@ class Tokenizer:
     # --- files --------------------------------------------------------------------------------------------
     def to_json(self) -> tuple[str, str]:
         """(file name, contents) of this tokenizer's file in a checkpoint directory."""
-        if self.engine is not None:
-            return BPE_FILE, self.engine.to_str()
-        return CHARS_FILE, json.dumps({"chars": self.chars, "special": self.special}, ensure_ascii=False)
+        return BPE_FILE, self.engine.to_str()
 
     def save(self, directory: Path) -> Path:
         name, text = self.to_json()
@@ -253,13 +252,13 @@ class Tokenizer:
                 return cls(HFTokenizer.from_file(str(directory / BPE_FILE)))
             if (directory / CHARS_FILE).exists():
                 d = json.loads((directory / CHARS_FILE).read_text(encoding="utf-8"))
-                return cls(chars=list(d["chars"]), special={k: int(v) for k, v in d["special"].items()})
+                return cls.from_chars(list(d["chars"]), {k: int(v) for k, v in d["special"].items()})  # older runs
         except (Exception, KeyError) as e:
             raise TokenizerError(f"corrupt tokenizer file in {directory}: {e}") from None
         raise TokenizerNotFound(f"no tokenizer in {directory} (expected {BPE_FILE} or {CHARS_FILE})")
 
     def describe(self) -> str:
-        kind = "char" if self.engine is None else "byte-level BPE"
+        kind = "char" if self.chars is not None else "byte-level BPE"
         return f"{kind}, {self.vocab_size} tokens, special: {', '.join(self.special) or 'none'}"
 
 

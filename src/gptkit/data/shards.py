@@ -54,7 +54,7 @@ def encode_documents(tokenizer: Tokenizer, docs: list[Document], dtype) -> np.nd
     with tqdm(total=total, unit="char", unit_scale=True, desc="tokenizing", disable=None) as bar:
         for start in range(0, len(docs), 256):
             batch = docs[start:start + 256]
-            if tokenizer.engine is None:
+            if tokenizer.chars is not None:  # a character vocabulary: numpy is faster than the engine here
                 encoded = [_encode_chars(tokenizer, d.text) for d in batch]
             else:
                 encoded = [np.asarray(ids) for ids in tokenizer.encode_batch([d.text for d in batch])]
