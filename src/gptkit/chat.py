@@ -3,6 +3,7 @@ history outgrows the context."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from .engine import LM, Engine, Request
@@ -71,3 +72,38 @@ class ChatSession:
     def interrupted(self) -> None:
         """Ctrl-C mid-reply: keep what was said so far."""
         self.messages.append({"role": "assistant", "content": self._partial})
+
+
+def terminal(session: ChatSession) -> None:
+    """`gptkit chat`: read messages from the terminal and stream the replies until Ctrl-D or /exit."""
+    print("chat with the model; Ctrl-C stops a reply, Ctrl-D (or /exit) leaves, /reset forgets the conversation")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+        elif text:
+            _reply(session, text)
+
+
+def _reply(session: ChatSession, text: str) -> None:
+    try:
+        reply = session.send(text)
+    except GenerationError as e:  # a message that cannot fit: say so, keep chatting
+        print(f"gptkit: {e}", file=sys.stderr)
+        return
+    print("model> ", end="", flush=True)
+    try:
+        for piece in reply:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        session.interrupted()
+        print(" [stopped]", end="")
+    print()
+    if session.dropped:
+        print(f"(the conversation outgrew the context: forgot its {session.dropped} earliest message(s))")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -149,22 +148,18 @@ def task_inputs(task: str) -> tuple[str, ...]:
 def cmd_finetune(args) -> None:
     from .finetune import FinetuneConfig, SFTConfig, finetune, load_examples
     from .finetune.data import hold_out
+    from .finetune.fit import check_out, clear_out
     from .finetune.sft import load_conversations, sft
 
-    out, base = Path(args.out), Path(args.base)
-    if out.resolve() == base.resolve():
-        raise ValueError(f"--out {out} is the base checkpoint itself; write the fine-tuned model elsewhere")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (args.overwrite or args.resume):
-        raise ValueError(f"--out {out} already exists and is not empty; choose another, pass --overwrite, or "
-                         f"--resume a run that was stopped")
+    check_out(Path(args.out), Path(args.base), args.overwrite, args.resume)
     read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
         (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
     train = read(args.train)
     train, val = (train, read(args.val)) if args.val else hold_out(train, args.train)
     kind = SFTConfig if args.task == "sft" else FinetuneConfig
     cfg = kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind)})
-    if out.exists() and args.overwrite and not args.resume:  # what was there (another run's state too) goes
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if args.overwrite and not args.resume:
+        clear_out(Path(args.out))
     if args.task == "sft":
         result = sft(args.base, train, val, args.out, cfg, resume=args.resume)
         print(f"best val loss on assistant tokens {result['val_loss']:.4f}; saved in {args.out}")
@@ -192,42 +187,14 @@ def cmd_classify(args) -> None:
 def cmd_chat(args) -> None:
     import gptkit
 
-    from .chat import ChatSession
-    from .generate import GenerationError, SamplingParams
+    from .chat import ChatSession, terminal
+    from .generate import SamplingParams
 
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # check first
     lm = gptkit.load(args.checkpoint, device=args.device)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p)
-    print("chat with the model; Ctrl-C stops a reply, Ctrl-D (or /exit) leaves, /reset forgets the conversation")
-    while True:
-        try:
-            text = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if text.strip() in ("/exit", "/quit"):
-            return
-        if text.strip() == "/reset":
-            session.reset()
-            continue
-        if not text.strip():
-            continue
-        try:
-            reply = session.send(text)
-        except GenerationError as e:
-            print(f"gptkit: {e}", file=sys.stderr)
-            continue
-        print("model> ", end="", flush=True)
-        try:
-            for piece in reply:
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            session.interrupted()
-            print(" [stopped]", end="")
-        print()
-        if session.dropped:
-            print(f"(the conversation outgrew the context: forgot its {session.dropped} earliest message(s))")
+    terminal(session)
 
 
 def cmd_merge(args) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,23 @@ def fit(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: 
         checkpoint.write_atomically(out, {STATE_FILE: lambda p, state=state: torch.save(state, p)})
     model.load_state_dict(result.best_state)
     return result
+
+
+def check_out(out: Path, base: Path, overwrite: bool, resume: bool) -> None:
+    """A fine-tuning run writes to a new or empty directory, never into its base (`overwrite`: replace it)."""
+    if out.resolve() == base.resolve():
+        raise ResumeError(f"--out {out} is the base checkpoint itself; write the fine-tuned model elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (overwrite or resume):
+        raise ResumeError(f"--out {out} already exists and is not empty; choose another, pass --overwrite, or "
+                          f"--resume a run that was stopped")
+
+
+def clear_out(out: Path) -> None:
+    """What was in an output directory being overwritten (another run's state too) goes."""
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
 
 
 def finished(out: Path) -> None:
