@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LM, Engine
-from .generation import Generation, Server
+from .generation import Server, chat_completion, completion
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body
 from .runner import Mailroom, Runner
@@ -91,26 +91,12 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
         check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported", param="echo")
-        raw = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
-        prompts = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in raw]
-        if not all(0 <= t < tokenizer.vocab_size for p in prompts for t in p):
-            raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in raw] if body.echo else None
-        return await Generation(state["server"], "text", http, body, prompts, body.max_tokens, "prompt",
-                                stop_ids=lm.stop_ids(), logprobs=body.logprobs, echo=echo).answer()
+        return await completion(state["server"], lm, http, body).answer()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
         check_model(body.model)
-        if body.top_logprobs and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt = tokenizer.encode_chat([m.model_dump() for m in body.messages])
-        stop, stop_ids = tokenizer.chat_stops()
-        return await Generation(state["server"], "chat", http, body, [prompt],
-                                body.max_completion_tokens or body.max_tokens, "messages", stop, stop_ids,
-                                (body.top_logprobs or 0) if body.logprobs else None).answer()
+        return await chat_completion(state["server"], http, body).answer()
 
     @app.get("/", include_in_schema=False)
     async def page():

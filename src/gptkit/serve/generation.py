@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import Output
+from ..engine import LM, Output
 from ..engine import Request as EngineRequest
 from ..generate import GenerationError
 from ..tokenizer import Tokenizer
 from .metrics import Metrics
-from .protocol import APIError, Sampling, engine_error, error_body, sampling_params, sse, token_budget
+from .protocol import (APIError, ChatRequest, CompletionRequest, Sampling, engine_error, error_body, sampling_params,
+                       sse, token_budget)
 from .runner import Inbox, Mailroom, QueueFull, Runner
 
 
@@ -197,6 +198,30 @@ class Generation:
     async def answer(self):
         self.submit()
         return self.stream() if self.body.stream else await self.collect()
+
+
+def completion(server: Server, lm: LM, http: Request, body: CompletionRequest) -> Generation:
+    """/v1/completions: prompts as a string, strings, token ids or lists of them; `echo`; EOT ends a choice."""
+    tokenizer = server.tokenizer
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported", param="echo")
+    raw = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+    prompts = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in raw]
+    if not all(0 <= t < tokenizer.vocab_size for p in prompts for t in p):
+        raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+    echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in raw] if body.echo else None
+    return Generation(server, "text", http, body, prompts, body.max_tokens, "prompt", stop_ids=lm.stop_ids(),
+                      logprobs=body.logprobs, echo=echo)
+
+
+def chat_completion(server: Server, http: Request, body: ChatRequest) -> Generation:
+    """/v1/chat/completions: the conversation in the tokenizer's chat template; its end tokens end a reply."""
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    prompt = server.tokenizer.encode_chat([m.model_dump() for m in body.messages])
+    stop, stop_ids = server.tokenizer.chat_stops()
+    return Generation(server, "chat", http, body, [prompt], body.max_completion_tokens or body.max_tokens,
+                      "messages", stop, stop_ids, (body.top_logprobs or 0) if body.logprobs else None)
 
 
 def merge(a: dict | None, b: dict | None) -> dict | None:
