@@ -224,12 +224,19 @@ class Engine:
         view.advance(1)
 
 
+def batch(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], params: SamplingParams,
+          stop_ids: tuple[int, ...]) -> tuple[Engine, list[Request]]:
+    """An engine sized for `prompts`, holding one request each (checked now); prompt i gets the seed
+    `seed + i`."""
+    engine = Engine(model, tokenizer, len(prompts), max(map(len, prompts)) + params.max_new_tokens)
+    return engine, [engine.add(Request(p, dataclasses.replace(params, seed=row_seed(params.seed, i)), stop_ids))
+                    for i, p in enumerate(prompts)]
+
+
 def generate_tokens(model: GPT, prompts: list[list[int]], params: SamplingParams,
                     stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
     """The generated token ids of each prompt (no tokenizer needed), decoded together."""
-    engine = Engine(model, None, len(prompts), max(map(len, prompts)) + params.max_new_tokens)
-    requests = [engine.add(Request(p, dataclasses.replace(params, seed=row_seed(params.seed, i)), stop_ids))
-                for i, p in enumerate(prompts)]
+    engine, requests = batch(model, None, prompts, params, stop_ids)
     out: dict[int, list[int]] = {r.id: [] for r in requests}
     while engine.has_work():
         for o in engine.step():
@@ -262,10 +269,7 @@ class LM:
             for p in ids:
                 check_fits(self.model, len(p), params.max_new_tokens)
             return self._beams(ids, params)
-        engine = Engine(self.model, self.tokenizer, len(ids), max(map(len, ids)) + params.max_new_tokens)
-        requests = [engine.add(Request(p, dataclasses.replace(params, seed=row_seed(params.seed, i)), self.stop_ids()))
-                    for i, p in enumerate(ids)]
-        return self._run(engine, requests)
+        return self._run(*batch(self.model, self.tokenizer, ids, params, self.stop_ids()))
 
     def _run(self, engine: Engine, requests: list[Request]) -> Iterator[list[str]]:
         where = {r.id: i for i, r in enumerate(requests)}

@@ -169,13 +169,10 @@ def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None
     if task == "classify":
         result = _classify(ckpt, data, skip_bad)
     else:
-        from .engine import LM
+        from . import load
 
-        model = checkpoint.load_model(ckpt)
-        tokenizer = checkpoint.load_tokenizer(ckpt)
-        if tokenizer is None:
-            raise EvalError(f"{ckpt} has no tokenizer file")
-        checkpoint.check_tokenizer(model, tokenizer, ckpt)
+        lm = load(ckpt)
+        model, tokenizer = lm.model, lm.tokenizer
         if task == "ppl":
             result = (split_perplexity(model, tokenizer, data) if data.is_dir()
                       else perplexity(model, tokenizer, data.read_text(encoding="utf-8"), stride))
@@ -184,7 +181,7 @@ def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None
         elif task == "lambada":
             result = lambada(model, tokenizer, data.read_text(encoding="utf-8").splitlines())
         else:
-            lm, rows = LM(model, tokenizer), read_jsonl(data, ("prompt", "reference"))
+            rows = read_jsonl(data, ("prompt", "reference"))
             hyps = [lm.generate(r["prompt"], max_new_tokens=max_new_tokens, temperature=0, stop=("\n",)).strip()
                     for r in rows]
             result = generation_scores(hyps, [r["reference"] for r in rows])

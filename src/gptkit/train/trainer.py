@@ -122,8 +122,9 @@ class Run:
             raise TrainError(f"vocab_size {model_config.vocab_size} is smaller than the data's tokenizer "
                              f"({self.tokenizer.vocab_size} tokens)")
         self.model = GPT(model_config).to(self.device)
+        state = read_state(state_path) if resume else None  # read once: checked now, restored below
         if resume:  # weights first: FSDP shards what it is given
-            self.check_resumable(state_path, model_config)
+            self.check_resumable(state, model_config)
             self.model.load_state_dict(checkpoint.load_model(self.out, self.device).state_dict())
         self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_is_fast(self.device))
         self.wrapped = distributed.wrap(self.model, cfg.strategy, self.dist, self.device, self.bf16)
@@ -147,16 +148,15 @@ class Run:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.saved_step: int | None = None  # the last checkpoint written (or resumed from)
         if resume:
-            self.restore(state_path)
+            self.restore(state)
             self.saved_step = self.step
 
-    def check_resumable(self, path: Path, model_config) -> None:
+    def check_resumable(self, state: dict, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
         if saved_config != model_config:
             diff = [f"{k}={v} (run has {getattr(saved_config, k)})" for k, v in model_config.to_dict().items()
                     if getattr(saved_config, k) != getattr(model_config, k)]
             raise TrainError(f"cannot resume {self.out}: this recipe's model differs: {', '.join(diff)}")
-        state = read_state(path)
         if state["data_tokenizer"] != self.train_data.tokenizer_sha256():
             raise TrainError(f"cannot resume {self.out}: the data directory was made with a different tokenizer")
         if state["optimizer"] != self.cfg.optimizer:
@@ -166,8 +166,7 @@ class Run:
             raise TrainError(f"cannot resume {self.out} with strategy {self.cfg.strategy}: the run used "
                              f"{'fsdp' if was_sharded else 'ddp or one process'}")
 
-    def restore(self, path: Path) -> None:
-        state = read_state(path)
+    def restore(self, state: dict) -> None:
         if self.sharded:
             distributed.load_sharded(self.out, self.model, self.optimizers, state.get("shards") or distributed.SHARDS_DIR)
         else:
