@@ -76,6 +76,40 @@ def test_bad_distributed_settings(data, tmp_path):
     assert r.returncode == 1 and "with strategy fsdp" in r.stderr
 
 
+RANK_PREPARES = """
+import os, sys, time
+from gptkit.data import Document
+from gptkit.train import trainer
+
+real_prepare = trainer.prepare
+
+def prepare(docs, out, **kw):  # the real one, slowed: a rank that did not wait would start inside it
+    start = time.time()
+    time.sleep(1)
+    result = real_prepare(docs, out, **kw)
+    with open(os.path.join(os.environ["GPTKIT_CACHE"], "calls"), "a") as f:
+        f.write(f"{os.environ['RANK']} {start} {time.time()}\\n")
+    return result
+
+trainer.prepare = prepare
+trainer.embedded_corpus = lambda: iter([Document("tiny", "def f(x):\\n    return x + 1\\n" * 400)])
+from gptkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_data_rank_0_prepares_the_corpus_while_the_others_wait(tmp_path):
+    (tmp_path / "launch.py").write_text(RANK_PREPARES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTKIT_CACHE": str(tmp_path)}
+    r = subprocess.run([TORCHRUN, "--nproc-per-node", "2", str(tmp_path / "launch.py"), "train", "--out",
+                        str(tmp_path / "run"), *COMMON, "--max-steps", "2"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    calls = {rank: (float(start), float(end)) for rank, start, end in
+             map(str.split, (tmp_path / "calls").read_text().splitlines())}
+    assert calls["1"][0] >= calls["0"][1]  # rank 1 looked only after rank 0 had prepared the corpus
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
 
 def test_an_fsdp_crash_between_shards_and_state_resumes_the_previous_checkpoint_whole(data, tmp_path):
     """A crash after step 6's shards landed but before its train_state.pt did (and a leftover dcp.old): the

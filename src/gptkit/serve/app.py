@@ -52,20 +52,7 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     app.state.runtime = state
     app.add_middleware(AuthAndLog, api_key=api_key)
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, e: RequestValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        message = "malformed JSON body" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
-        return JSONResponse(error_body(message, "invalid_request_error", where), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+    add_error_handlers(app)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -103,6 +90,26 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
         return FileResponse(PAGE, media_type="text/html")
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error object: ours, pydantic's validation errors (400) and routing errors."""
+
+    async def api_error(_, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+    async def invalid(_, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        message = "malformed JSON body" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
+        return JSONResponse(error_body(message, "invalid_request_error", where), status_code=400)
+
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 class AuthAndLog:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import checkpoint
 from ..config import preset
@@ -27,7 +26,7 @@ from ..model import GPT
 from ..tokenizer import Tokenizer
 from . import distributed
 from .loss import LanguageModelLoss
-from .metrics import MetricsLog, plot_losses
+from .metrics import MetricsLog, Progress, plot_losses
 from .optim import build_optimizers, lr_factor
 from .recipe import TrainConfig
 
@@ -306,17 +305,8 @@ def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> 
     return loss_sum
 
 
-def _plain_progress(run: Run, loss: float) -> None:
-    """A progress line for a log file (stderr is not a terminal, so there is no bar)."""
-    p = run.progress()
-    eta = max(0.0, run.elapsed * (1 - p) / p) if p > 0 else math.nan
-    print(f"step {run.step}: loss {loss:.4f}, {run.tokens:,} tokens, {run.tokens / max(run.elapsed, 1e-9):,.0f} tok/s, "
-          f"{p:.0%} done, ETA {eta:.0f}s", file=sys.stderr, flush=True)
-
-
 def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
-    quiet = quiet or not main
     with_loss = LanguageModelLoss(model, run.wrapped)
     compiled = torch.compile(with_loss) if cfg.compile else with_loss
 
@@ -325,59 +315,39 @@ def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopReque
 
     log = MetricsLog(run.out / "metrics.jsonl", truncate_after=run.step if resume else 0) if main else None
     tokens_per_step = cfg.batch_size * run.block * run.grad_accum  # global: all ranks
-    flops_per_step = model.flops_per_token(run.block) * tokens_per_step
-    peak = peak_flops(device)
-    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", disable=quiet or None,
-               dynamic_ncols=True, mininterval=1.0)
-    plain = not quiet and bar.disable  # stderr is not a terminal (CI logs, nohup, files): plain lines instead
-    last_line = time.perf_counter()
+    progress = Progress(log, cfg.max_steps, run.step, tokens_per_step, model.flops_per_token(run.block) * tokens_per_step,
+                        peak_flops(device), quiet or not main, cfg.progress_seconds)
     # the sampled softmax's train loss is over the batch's targets only; val_loss is always the full one
     unigram = run.train_data.unigram(model.config.vocab_size).to(device) if cfg.sampled_softmax else None
     val_loss, loss_value = None, math.nan
     model.train()
-    window_t, window_steps = time.perf_counter(), 0
     while run.progress() < 1:
         t0 = time.perf_counter()
         loss_sum = _optimizer_step(run, cfg, compiled, autocast, unigram)
         run.step += 1
         run.tokens += tokens_per_step
         run.elapsed += time.perf_counter() - t0
-        window_steps += 1
-        bar.update(1)
+        progress.advance()
         done = run.progress() >= 1 or stop.signal is not None
         if run.step % cfg.log_interval == 0 or done:
             loss_value = distributed.mean_across_ranks(loss_sum, run.dist).item() / run.grad_accum  # the one sync
-            now = time.perf_counter()
-            tok_s = window_steps * tokens_per_step / (now - window_t)  # all ranks together
-            record = {"step": run.step, "loss": round(loss_value, 6), "lr": run.optimizers[0].param_groups[0]["lr"], "tokens": run.tokens,
-                      "tokens_per_s": round(tok_s, 1), "elapsed_s": round(run.elapsed, 2)}
-            if peak:
-                record["mfu"] = round(flops_per_step * window_steps / (now - window_t) / peak, 4)
-            if main:
-                log.write(record)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}",
-                            **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-            window_t, window_steps = time.perf_counter(), 0
-        if plain and (time.perf_counter() - last_line >= cfg.progress_seconds or done):
-            last_line = time.perf_counter()
-            _plain_progress(run, loss_value)
+            progress.record(run.step, loss_value, run.optimizers[0].param_groups[0]["lr"], run.tokens, run.elapsed)
+        progress.line(run.step, loss_value, run.tokens, run.elapsed, run.progress(), last=done)
         if stop.signal is not None:
             run.save()
             break
         if run.step % cfg.eval_interval == 0 or done:
-            t_eval = time.perf_counter()
-            val_loss = evaluate_loss(model, run.val_data, run.block, cfg.batch_size, device, autocast, cfg.eval_tokens)
-            if main:
-                log.write({"step": run.step, "val_loss": round(val_loss, 6), "elapsed_s": round(run.elapsed, 2)})
-                plot_losses(log.path, run.out / "loss.png")
-            if not quiet:
-                bar.write(f"step {run.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            window_t += time.perf_counter() - t_eval  # keep evaluation out of tokens/s
+            with progress.paused():
+                val_loss = evaluate_loss(model, run.val_data, run.block, cfg.batch_size, device, autocast,
+                                         cfg.eval_tokens)
+                if main:
+                    log.write({"step": run.step, "val_loss": round(val_loss, 6), "elapsed_s": round(run.elapsed, 2)})
+                    plot_losses(log.path, run.out / "loss.png")
+                progress.say(f"step {run.step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
         if run.step % cfg.ckpt_interval == 0 or done:
-            t_ckpt = time.perf_counter()
-            run.save()
-            window_t += time.perf_counter() - t_ckpt
-    bar.close()
+            with progress.paused():
+                run.save()
+    progress.close()
     return {"step": run.step, "tokens": run.tokens, "train_loss": loss_value, "val_loss": val_loss,
             "elapsed_s": run.elapsed, "out": str(run.out),
             "interrupted": signal.Signals(stop.signal).name if stop.signal is not None else None}

@@ -1,0 +1,122 @@
+"""Commands that make a model: info, prepare, train."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+
+def cmd_info(args) -> None:
+    from ..checkpoint import load_config, load_tokenizer
+    from ..config import PRESETS, preset
+    from ..model import GPT
+
+    path = Path(args.target)
+    if args.target in PRESETS:
+        config, tokenizer = preset(args.target), None
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"{args.target} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        config, tokenizer = load_config(path), load_tokenizer(path)
+    import torch
+
+    with torch.device("meta"):  # count without allocating
+        model = GPT(config)
+    for key, value in config.to_dict().items():
+        print(f"{key:>16}: {value}")
+    n = model.num_params()
+    print(f"{'parameters':>16}: {n:,} ({n / 1e6:.1f}M; {model.num_params(embeddings=False):,} without embeddings)")
+    print(f"{'train FLOPs/tok':>16}: {model.flops_per_token():,}")
+    if tokenizer is not None:
+        print(f"{'tokenizer':>16}: {tokenizer.describe()}")
+
+
+def cmd_prepare(args) -> None:
+    from ..data import prepare, read_sources
+
+    docs = read_sources(texts=args.text, jsonl=args.jsonl, corpora=args.corpus, hf=args.hf_dataset, field=args.field)
+    meta = prepare(docs, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, dtype=args.dtype)
+    s = meta["splits"]
+    print(f"{args.out}: {meta['documents']} documents, {meta['chars']:,} characters -> "
+          f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({meta['dtype']}, "
+          f"{meta['vocab_size']} token {meta['tokenizer']['kind']} vocabulary)")
+
+
+def cmd_train(args) -> None:
+    from ..train import load_recipe, train
+    from ..train.recipe import DEFAULT_TIME_LIMIT, has_limit
+
+    overrides = list(args.overrides)
+    if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(overrides)):
+        print(f"no recipe or limit given: training for {DEFAULT_TIME_LIMIT:.0f} seconds (set --max-steps or "
+              f"--time-limit)")
+        overrides += [f"time_limit={DEFAULT_TIME_LIMIT}", "max_steps=0"]
+    cfg = load_recipe(args.config, overrides, preset=args.preset, data=args.data, out=args.out,
+                      max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
+    result = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0
+    if result["interrupted"]:
+        print(f"stopped by {result['interrupted']} after step {result['step']}: checkpoint written to "
+              f"{result['out']}; continue with `gptkit train --out {result['out']} --resume`", file=sys.stderr)
+        return 130 if result["interrupted"] == "SIGINT" else 143
+    val = f"{result['val_loss']:.4f}" if result["val_loss"] is not None else "n/a"
+    print(f"done: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f}s, "
+          f"val loss {val}; checkpoint in {result['out']}")
+    return 0
+
+
+def _train_epilog() -> str:
+    from ..config import PRESETS
+    from ..train.recipe import TrainConfig
+
+    fields = ", ".join(f"{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig)
+                       if f.name != "model")
+    return (f"presets: {', '.join(PRESETS)}.\n\nrecipe fields, set in a TOML recipe or as key=value (defaults shown): "
+            f"{fields}; model.FIELD=VALUE changes a field of the preset's model config (e.g. model.n_layer=6).")
+
+
+def _add_info(sub) -> None:
+    s = sub.add_parser("info", help="print a preset's or checkpoint's config and parameter count")
+    s.add_argument("target", help="preset name (e.g. gpt2, tiny-modern) or checkpoint directory")
+    s.set_defaults(func=cmd_info)
+
+
+def _add_prepare(sub) -> None:
+    s = sub.add_parser("prepare", help="tokenize text into train/val shards (default: the embedded corpus)")
+    s.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
+    s.add_argument("--jsonl", action="append", default=[], help="JSONL file(s) with a text field (repeatable)")
+    s.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
+    s.add_argument("--corpus", action="append", default=[],
+                   help="named corpus: python (embedded: stdlib source + pydoc), tinyshakespeare (download)")
+    s.add_argument("--hf-dataset", action="append", default=[], help="Hugging Face dataset name (online)")
+    s.add_argument("--tokenizer", default="bpe", choices=["char", "bpe", "gpt2", "cl100k"])
+    s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: smallest that fits)")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.set_defaults(func=cmd_prepare)
+
+
+def _add_train(sub) -> None:
+    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
+                       epilog=_train_epilog())
+    s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
+    s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
+    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
+    s.add_argument("--out", help="run directory (a checkpoint directory)")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--time-limit", type=float, metavar="SECONDS")
+    s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
+    s.set_defaults(func=cmd_train)
+
+
+def register(sub) -> None:
+    _add_info(sub)
+    _add_prepare(sub)
+    _add_train(sub)
