@@ -15,11 +15,14 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "Sampling
            "CheckpointError", "ConfigError", "GenerationError", "TokenizerError"]
 
 
-def load(path: str | Path, device: str = "cpu") -> LM:
+def load(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LM:
     """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`. On CPU
-    its linear layers are already the decoding kernels' (same parameters, same state dict)."""
+    its linear layers are already the decoding kernels' (same parameters, same state dict). `dtype`: fp32,
+    bf16 or fp16 for the floating-point weights and activations, where the device computes in it natively
+    (quantized weights stay integers)."""
+    compute = checkpoint.check_dtype(dtype, checkpoint.check_device(device))  # before reading a large file
     tokenizer = load_tokenizer(path) if Path(path).is_dir() else None
-    model = load_model(path, device)
+    model = load_model(path, device).to(compute)
     if tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer file, so it cannot turn text into tokens")
     checkpoint.check_tokenizer(model, tokenizer, path)

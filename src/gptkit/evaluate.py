@@ -31,7 +31,7 @@ def perplexity(model: GPT, tokenizer: Tokenizer, text: str, stride: int | None =
     stride = max(1, context // 2) if stride is None else stride
     if not 0 < stride <= context:
         raise EvalError(f"stride must be in [1, {context}]")
-    device = model.wte.weight.device
+    device = model.device
     nll, scored, start = 0.0, 1, 0  # the first token has nothing to be predicted from
     while scored < len(ids):
         end = min(len(ids), start + context)
@@ -52,7 +52,7 @@ def perplexity(model: GPT, tokenizer: Tokenizer, text: str, stride: int | None =
 def continuation_logprob(model: GPT, context_ids: list[int], continuation_ids: list[int]) -> float:
     """log P(continuation | context), summed over the continuation's tokens."""
     ids = (context_ids + continuation_ids)[-(model.config.context + 1):]
-    x = torch.tensor([ids[:-1]], device=model.wte.weight.device)
+    x = torch.tensor([ids[:-1]], device=model.device)
     logp = model(x)[0].float().log_softmax(-1)
     n = len(continuation_ids)
     targets = torch.tensor(ids[-n:], device=logp.device)
@@ -100,7 +100,7 @@ def lambada(model: GPT, tokenizer: Tokenizer, lines: list[str]) -> dict:
             continue
         ctx, target = tokenizer.encode(context), tokenizer.encode(" " + word)
         ids = (ctx + target)[-(model.config.context + 1):]
-        logits = model(torch.tensor([ids[:-1]], device=model.wte.weight.device))[0, -len(target):]
+        logits = model(torch.tensor([ids[:-1]], device=model.device))[0, -len(target):]
         right += logits.argmax(-1).tolist() == target
         total += 1
     if not total:
@@ -146,7 +146,7 @@ def split_perplexity(model: GPT, tokenizer: Tokenizer, data_dir: Path, split: st
         raise EvalError(f"{data_dir} was tokenized with a different tokenizer than the model's")
     nll, n = 0.0, 0
     for x, y in data.windows(model.config.context, 8):
-        logits = model(x.to(model.wte.weight.device)).float()
+        logits = model(x.to(model.device)).float()
         nll += F.cross_entropy(logits.flatten(0, 1), y.flatten().to(logits.device), reduction="sum").item()
         n += y.numel()
     return {"tokens": n, "nll_per_token": nll / n, "perplexity": math.exp(nll / n)}
@@ -156,7 +156,7 @@ TASKS = ("ppl", "choice", "lambada", "classify", "generate")
 
 
 def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None, max_new_tokens: int = 64,
-        skip_bad: bool = False) -> tuple[dict, Path]:
+        skip_bad: bool = False, device: str = "cpu", dtype: str = "fp32") -> tuple[dict, Path]:
     """Evaluate the checkpoint `ckpt` on `data` for `task`; the result is also written, as JSON, to
     `ckpt/eval/TASK-DATA.json` (returned beside it)."""
     from . import checkpoint
@@ -171,7 +171,7 @@ def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None
     else:
         from . import load
 
-        lm = load(ckpt)
+        lm = load(ckpt, device, dtype)
         model, tokenizer = lm.model, lm.tokenizer
         if task == "ppl":
             result = (split_perplexity(model, tokenizer, data) if data.is_dir()

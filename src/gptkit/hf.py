@@ -189,11 +189,20 @@ def _architecture(c: GPTConfig) -> str:
     return "gpt2" if c.prenorm else "openai-gpt"
 
 
-def convert_to_hf(src: Path, out: Path) -> Path:
-    """Write a gptkit checkpoint as a transformers checkpoint directory (`from_pretrained` loads it)."""
+def convert_to_hf(src: Path, out: Path, dequantize: bool = False) -> Path:
+    """Write a gptkit checkpoint as a transformers checkpoint directory (`from_pretrained` loads it). A quantized
+    checkpoint is refused unless `dequantize`: transformers has no loader for gptkit's integer blocks."""
     import transformers
 
+    record = checkpoint.quantization(src)
+    _require(not record or dequantize, f"{src} is quantized ({record and record['bits']}-bit) and transformers "
+             "cannot read its integer weights: convert the floating-point checkpoint it came from, or pass "
+             "--dequantize to write the quantized values as floats")
     model = checkpoint.load_model(src)
+    if record:
+        from . import quantize
+
+        quantize.dequantize(model)
     tokenizer = checkpoint.load_tokenizer(src)
     c = model.config
     t = _architecture(c)

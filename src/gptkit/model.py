@@ -206,9 +206,17 @@ class GPT(nn.Module):
             else:
                 p.zero_()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters(), next(self.buffers(), torch.empty(0))).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (quantized weights are integers; the norms and biases are not)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        w = self.wte.weight
-        return KVCache(self.config, batch, max_len or self.config.context, w.dtype, w.device)
+        return KVCache(self.config, batch, max_len or self.config.context, self.dtype, self.device)
 
     def _masks(self, pos: Tensor, span: int) -> tuple[Tensor | None, Tensor | None]:
         """Boolean masks (True = may attend) [B, 1, T, span] for the dense and the banded layers, from the

@@ -9,26 +9,35 @@ from pathlib import Path
 
 
 def cmd_info(args) -> None:
-    from ..checkpoint import load_config, load_tokenizer
+    import torch
+
+    from .. import quantize
+    from ..checkpoint import WEIGHTS_FILE, load_config, load_tokenizer, quantization
     from ..config import PRESETS, preset
     from ..model import GPT
 
     path = Path(args.target)
     if args.target in PRESETS:
-        config, tokenizer = preset(args.target), None
+        config, tokenizer, record = preset(args.target), None, None
     else:
         if not path.exists():
             raise FileNotFoundError(f"{args.target} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-        config, tokenizer = load_config(path), load_tokenizer(path)
-    import torch
-
+        config, tokenizer, record = load_config(path), load_tokenizer(path), quantization(path)
     with torch.device("meta"):  # count without allocating
         model = GPT(config)
+    n, n_body, flops = model.num_params(), model.num_params(embeddings=False), model.flops_per_token()
+    if record:
+        quantize.skeleton(model, record)
     for key, value in config.to_dict().items():
         print(f"{key:>16}: {value}")
-    n = model.num_params()
-    print(f"{'parameters':>16}: {n:,} ({n / 1e6:.1f}M; {model.num_params(embeddings=False):,} without embeddings)")
-    print(f"{'train FLOPs/tok':>16}: {model.flops_per_token():,}")
+    print(f"{'parameters':>16}: {n:,} ({n / 1e6:.1f}M; {n_body:,} without embeddings)")
+    print(f"{'train FLOPs/tok':>16}: {flops:,}")
+    if record:
+        print(f"{'quantization':>16}: int{record['bits']}, groups of {record['group_size']}, embedding "
+              f"{'int8' if record['embedding_bits'] else 'fp32'}{', skip ' + ','.join(record['skip']) if record['skip'] else ''}")
+    print(f"{'in memory':>16}: {quantize.nbytes(model) / 1e6:,.1f} MB")
+    if (path / WEIGHTS_FILE).exists():
+        print(f"{'on disk':>16}: {(path / WEIGHTS_FILE).stat().st_size / 1e6:,.1f} MB")
     if tokenizer is not None:
         print(f"{'tokenizer':>16}: {tokenizer.describe()}")
 

@@ -21,7 +21,7 @@ def cmd_generate(args) -> None:
     from ..engine import row_seed
 
     params = _sampling(args)  # validate settings before loading a large model
-    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -43,7 +43,7 @@ def cmd_chat(args) -> None:
     from ..generate import SamplingParams
 
     SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # check first
-    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p)
     terminal(session)
@@ -53,7 +53,8 @@ def cmd_eval(args) -> None:
     from .. import evaluate
 
     result, written = evaluate.run(args.task, args.checkpoint, args.data, stride=args.stride,
-                                   max_new_tokens=args.max_new_tokens, skip_bad=args.skip_bad)
+                                   max_new_tokens=args.max_new_tokens, skip_bad=args.skip_bad,
+                                   device=args.device, dtype=args.dtype)
     width = max(map(len, result))
     for key, value in result.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
@@ -72,7 +73,7 @@ def cmd_serve(args) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    lm = gptkit.load(args.checkpoint, device=args.device)
+    lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      request_timeout=args.request_timeout)
@@ -83,9 +84,17 @@ def cmd_serve(args) -> None:
     print("stopped", flush=True)
 
 
+def _add_model(s) -> None:
+    """The flags of every command that runs a checkpoint."""
+    s.add_argument("checkpoint")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="floating-point weights and activations (bf16/fp16 where the device computes them natively)")
+
+
 def _add_generate(sub) -> None:
     s = sub.add_parser("generate", help="sample text from a checkpoint, streaming to the terminal")
-    s.add_argument("checkpoint")
+    _add_model(s)
     s.add_argument("--prompt", help="prompt text (default: read standard input)")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -97,24 +106,22 @@ def _add_generate(sub) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--num-beams", type=int, default=1)
     s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_generate)
 
 
 def _add_chat(sub) -> None:
     s = sub.add_parser("chat", help="talk to a chat model in the terminal")
-    s.add_argument("checkpoint")
+    _add_model(s)
     s.add_argument("--system", help="system message")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_chat)
 
 
 def _add_eval(sub) -> None:
     s = sub.add_parser("eval", help="measure a checkpoint: ppl, choice, lambada, classify, generate")
-    s.add_argument("checkpoint")
+    _add_model(s)
     s.add_argument("--task", required=True, choices=["ppl", "choice", "lambada", "classify", "generate"])
     s.add_argument("--data", required=True, help="text file or prepared data dir (ppl), JSONL (choice: ctx, "
                    "endings, label; generate: prompt, reference), text lines (lambada), labelled file (classify)")
@@ -126,7 +133,7 @@ def _add_eval(sub) -> None:
 
 def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="serve a checkpoint: OpenAI-compatible HTTP API and a chat page")
-    s.add_argument("checkpoint")
+    _add_model(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
@@ -136,7 +143,6 @@ def _add_serve(sub) -> None:
                    "(default: 32 per CPU core, at least 64)")
     s.add_argument("--request-timeout", type=float, default=600, metavar="SECONDS",
                    help="a request still running after this long fails with 504")
-    s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
 
 

@@ -108,6 +108,11 @@ def grow_vocab(gpt: GPT, tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple
 def prepare_base(base: str | Path, cfg: TuneConfig, tokens: tuple[str, ...]) -> tuple[GPT, Tokenizer, int]:
     """The base checkpoint ready to fine-tune: seeded, `tokens` added to its vocabulary, and with LoRA
     (cfg.lora_rank > 0) only the adapters and the new tokens' embedding rows left trainable."""
+    record = checkpoint.quantization(base)
+    if record:
+        raise FinetuneError(f"{base} is quantized ({record['bits']}-bit) and training needs floating-point weights: "
+                            f"fine-tune the checkpoint it was quantized from (LoRA keeps that cheap: --lora-rank 8), "
+                            f"then quantize the result")
     torch.manual_seed(cfg.seed)
     gpt = checkpoint.load_model(base, cfg.device, **({} if cfg.dropout is None else {"dropout": cfg.dropout}))
     gpt.train()

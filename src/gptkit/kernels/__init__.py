@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and cached.
 
-Only one for now: the skinny fp32 linear that bounds decoding speed (see gemv.c); `packed.py` swaps it into a
-model's linear layers. Where no C compiler or
-OpenMP is available the loader returns None and callers keep their PyTorch path, so nothing depends on it.
+The skinny linears that bound decoding speed: fp32 (gemv.c; `packed.py` swaps it into a model's linear
+layers) and int8 / int4 weight-only (quant.c; `quantize.py`'s linears call it). Where no C compiler or OpenMP
+is available the loader returns None and callers keep their PyTorch path, so nothing depends on it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "quant.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 64  # measured (AVX2 EPYC): passes of 8 rows beat MKL up to 64 rows, oneDNN up to 32
 
@@ -36,13 +36,13 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build(compiler: str, out: Path) -> None:
+def _build(compiler: str, flags: list[str], out: Path) -> None:
     """Compile to a temporary file and rename it into place, so a half-written library is never loaded."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -54,19 +54,24 @@ def _library():
     compiler = os.environ.get("CC") or (sysconfig.get_config_var("CC") or "cc").split()[0]
     if os.environ.get("GPTKIT_NO_KERNELS") or not shutil.which(compiler):
         return None
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + compiler + _cpu_signature()).encode()).hexdigest()
-    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptkit" / "kernels" / f"gemv-{key[:16]}.so"
+    flags = FLAGS
+    if os.environ.get("GPTKIT_PORTABLE_KERNELS"):  # the plain C paths, for any CPU of the architecture
+        flags = [f for f in FLAGS if f != "-march=native"]
+    source = "".join(p.read_text() for p in SOURCES)
+    key = hashlib.sha256((source + " ".join(flags) + compiler + _cpu_signature()).encode()).hexdigest()
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptkit" / "kernels" / f"gptkit-{key[:16]}.so"
     try:
         if not path.exists():
-            _build(compiler, path)
+            _build(compiler, flags, path)
         # torch is already loaded, so the library's OpenMP calls bind to torch's own runtime and thread pool.
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
-    fn = lib.skinny_linear_f32
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-    return fn
+    lib.skinny_linear_f32.restype = None
+    lib.skinny_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    lib.quant_linear.restype = ctypes.c_int
+    lib.quant_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 5
+    return lib
 
 
 def available() -> bool:
@@ -75,14 +80,35 @@ def available() -> bool:
 
 def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
     """F.linear(x, weight, bias) for a few fp32 CPU rows, streaming the weights once; None where not applicable."""
-    fn = _library()
+    lib = _library()
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (fn is None or not 0 < rows <= MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (lib is None or not 0 < rows <= MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.device.type != "cpu" or not weight.is_contiguous() or torch.is_grad_enabled() and weight.requires_grad
             or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
         return None
     x = x.contiguous()
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N)
-    fn(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, N, K)
+    lib.skinny_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                          y.data_ptr(), rows, N, K)
     return y
+
+
+QUANT_MAX_ROWS = 32  # one pass over the weights per 8 rows; more rows dequantize once and run a GEMM
+
+
+def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, bits: int,
+                 group_size: int) -> Tensor | None:
+    """x @ dequant(qweight, scales).T + bias for up to 32 fp32 CPU rows, the quantized weights streamed once per 8;
+    None where the kernel does not apply (no compiler, more rows, another dtype or device)."""
+    lib = _library()
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (lib is None or not 0 < rows <= QUANT_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
+            or bias is not None and bias.dtype != torch.float32):
+        return None
+    x = x.contiguous()
+    N, K = scales.shape[0], x.shape[-1]
+    y = torch.empty(*x.shape[:-1], N)
+    failed = lib.quant_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+                              bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, N, K, group_size, bits)
+    return None if failed else y

@@ -36,16 +36,17 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
-    """Swap every linear layer of a CPU fp32/bf16 model (a GPT) for a PackedLinear over the same parameters,
-    and give it a packed LM head (`inference_head`, over the tied embedding where there is one). Returns the
-    model; a no-op elsewhere."""
-    w = model.wte.weight
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+    """Swap every fp32/bf16 linear layer of a CPU model (a GPT) for a PackedLinear over the same parameters,
+    and give it a packed LM head (`inference_head`, over the tied embedding where there is one) unless it has
+    a faster one already (a quantized model's). Returns the model; a no-op elsewhere."""
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child.weight, child.bias))  # same parameters and keys
-    # a detached view: the head must not add a key to the state dict
-    model.inference_head = PackedLinear((w if model.lm_head is None else model.lm_head.weight).detach(), None)
+    head = model.wte if model.lm_head is None else model.lm_head
+    if model.inference_head is None and isinstance(head, (nn.Embedding, PackedLinear)):
+        # a detached view: the head must not add a key to the state dict
+        model.inference_head = PackedLinear(head.weight.detach(), None)
     return model

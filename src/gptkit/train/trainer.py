@@ -58,16 +58,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def bf16_is_fast(device: torch.device) -> bool:
-    """What dtype="auto" picks: bf16 autocast where the hardware multiplies bf16 natively (CUDA GPUs that
-    support it, CPUs with AVX512-BF16 or AMX). Elsewhere it is emulated: 17x slower than fp32 on an
-    AVX2-only EPYC (measured: 330 vs 5,560 tokens/s for a 4 x 128 model)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    caps = torch.cpu.get_capabilities() if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
 def evaluate_loss(model: GPT, data: TokenShards, block: int, batch_size: int, device, autocast,
                   max_tokens: int = 0) -> float:
     """Mean next-token loss over the split (all of it, or its first `max_tokens`)."""
@@ -125,7 +115,7 @@ class Run:
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state, model_config)
             self.model.load_state_dict(checkpoint.load_model(self.out, self.device).state_dict())
-        self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and bf16_is_fast(self.device))
+        self.bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and checkpoint.is_native(torch.bfloat16, self.device))
         self.wrapped = distributed.wrap(self.model, cfg.strategy, self.dist, self.device, self.bf16)
         self.block = cfg.block_size or model_config.context
         if self.block > model_config.context:

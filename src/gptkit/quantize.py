@@ -1,0 +1,260 @@
+"""Weight-only int8 / int4 quantization, swapped into a model as modules (the model code does not change).
+
+A weight row is cut into blocks of 32 inputs, each stored as small integers and one fp16 scale per `group_size`
+inputs: llama.cpp's Q8_0 (q = round(w / d), d = max|w| / 127) and Q4_0 (d = the block's largest-magnitude
+weight / -8, q + 8 in a nibble, two per byte: weight j low, weight j + 16 high) when the group is 32, so GGUF
+export can copy the blocks. Decoding streams the integers through the native kernels (kernels/quant.c);
+more rows, other devices and no compiler dequantize and run the ordinary matmul: the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import kernels
+from .model import GPT
+
+BLOCK = 32  # the integers' packing unit; a group is a whole number of blocks
+
+
+class QuantizeError(ValueError):
+    """A model or setting that cannot be quantized as asked."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a checkpoint's weights are stored; recorded as `quantization` in its config.json."""
+
+    bits: int = 8  # every linear of the blocks (and an untied LM head)
+    group_size: int = 32  # inputs sharing one scale
+    embedding_bits: int | None = 8  # the token embedding (the tied LM head too); None: kept in floating point
+    skip: tuple[str, ...] = ()  # module names kept in floating point (e.g. lm_head, wte, blocks.0.attn.qkv)
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QuantizeError(f"--bits must be 8 or 4, got {self.bits}")
+        if self.embedding_bits not in (8, None):
+            raise QuantizeError(f"embeddings are quantized to 8 bits or not at all, got {self.embedding_bits}")
+        if self.group_size <= 0 or self.group_size % BLOCK:
+            raise QuantizeError(f"--group-size must be a positive multiple of {BLOCK}, got {self.group_size}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "skip": list(self.skip)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scheme:
+        try:
+            return cls(**{**d, "skip": tuple(d.get("skip", ()))})
+        except TypeError as e:
+            raise QuantizeError(f"invalid quantization record: {e}") from None
+
+    def skips(self, name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in self.skip)
+
+
+def _round(v: Tensor) -> Tensor:
+    return torch.trunc(v + torch.copysign(torch.full_like(v, 0.5), v))  # half away from zero, as C's roundf
+
+
+def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(q, scales) for a weight [N, K]: q int8 [N, K] or packed uint8 [N, K / 2], scales fp16 [N, K / group]."""
+    N, K = w.shape
+    blocks = w.detach().float().reshape(N, K // BLOCK, BLOCK)
+    per_group = group_size // BLOCK
+    groups = blocks.reshape(N, K // group_size, group_size)
+    if bits == 8:
+        d = groups.abs().amax(-1) / 127
+        inv = torch.where(d > 0, 1 / d, 0).repeat_interleave(per_group, 1)[..., None]
+        return _round(blocks * inv).to(torch.int8).reshape(N, K), d.half()
+    biggest = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]  # signed: it maps to -8 exactly
+    d = biggest / -8
+    inv = torch.where(d != 0, 1 / d, 0).repeat_interleave(per_group, 1)[..., None]
+    q = torch.floor(blocks * inv + 8.5).clamp(0, 15).to(torch.uint8)  # as llama.cpp's quantize_row_q4_0
+    return (q[..., :16] | q[..., 16:] << 4).reshape(N, K // 2), d.half()
+
+
+def dequantize_weight(q: Tensor, scales: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    N, groups = scales.shape
+    if bits == 8:
+        values = q.to(dtype).reshape(N, groups, -1)
+    else:
+        packed = q.reshape(N, -1, BLOCK // 2)
+        nibbles = torch.cat([packed & 15, packed >> 4], dim=-1).to(dtype) - 8
+        values = nibbles.reshape(N, groups, -1)
+    return (values * scales.to(dtype)[..., None]).reshape(N, -1)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with quantized weights: `qweight`, `scales` and an optional fp32 `bias` in the state dict."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 device=None, persistent: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        width = in_features if bits == 8 else in_features // 2
+        self.register_buffer("qweight", torch.empty(out_features, width, device=device,
+                                                    dtype=torch.int8 if bits == 8 else torch.uint8), persistent)
+        self.register_buffer("scales", torch.empty(out_features, in_features // group_size, device=device,
+                                                   dtype=torch.float16), persistent)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self.compute_dtype = torch.float32  # what model.to(dtype) asked for: the embedding's output dtype
+
+    @classmethod
+    def of(cls, weight: Tensor, bias: Tensor | None, bits: int, group_size: int) -> QuantLinear:
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, bits, group_size, device=weight.device)
+        layer.qweight, layer.scales = quantize_weight(weight, bits, group_size)
+        if bias is not None:
+            layer.bias.data = bias.detach().float().clone()
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_weight(self.qweight, self.scales, self.bits, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = kernels.quant_linear(x.float(), self.qweight, self.scales, self.bias, self.bits, self.group_size)
+            if y is not None:
+                return y.to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # moves between devices like any module, but a cast (model.half(), .to(torch.bfloat16)) leaves the
+        # integers and their fp16 scales as they are: casting fp16 scales through bf16 would round them
+        stored = (self.qweight, self.scales)
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(lambda t: t.to(fn(t.new_empty(0)).device) if any(t is s for s in stored) else fn(t),
+                              recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class QuantEmbedding(QuantLinear):
+    """A token embedding stored like a linear layer's weight ([vocab, n_embd] int8 rows with their scales):
+    looking up a token dequantizes its row; as the tied LM head it runs through the kernel."""
+
+    def __init__(self, vocab: int, dim: int, group_size: int, device=None):
+        super().__init__(dim, vocab, False, 8, group_size, device=device)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        rows = self.qweight[idx].float().reshape(*idx.shape, self.scales.shape[1], -1)
+        return (rows * self.scales[idx].float()[..., None]).reshape(*idx.shape, -1).to(self.compute_dtype)
+
+    @property
+    def weight(self) -> Tensor:  # for code that reads the embedding matrix (the tied head under autograd)
+        return self.dequantize()
+
+    def head(self) -> QuantLinear:
+        """A linear view over the same buffers (not in the state dict) computing the tied logits."""
+        head = QuantLinear(self.in_features, self.out_features, False, 8, self.group_size, device="meta",
+                           persistent=False)
+        head.qweight, head.scales = self.qweight, self.scales
+        return head
+
+
+def _linears(model: GPT):
+    """(parent, attribute, qualified name, layer) of every linear layer, whatever module carries it."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if full != "inference_head" and isinstance(getattr(child, "weight", None), Tensor) and \
+                    not isinstance(child, (nn.Embedding, QuantLinear)) and child.weight.dim() == 2:
+                yield parent, name, full, child
+
+
+def _set_head(model: GPT) -> None:
+    model.inference_head = model.wte.head() if isinstance(model.wte, QuantEmbedding) and model.lm_head is None else None
+
+
+@torch.no_grad()
+def quantize(model: GPT, bits: int = 8, group_size: int = 32, skip: tuple[str, ...] = (),
+             embedding_bits: int | None = 8) -> GPT:
+    """Quantize `model` in place: every linear of the blocks and the LM head to `bits`, the token embedding to
+    int8 (unless in `skip`), and record the scheme as `model.quantization`. Returns the model."""
+    if getattr(model, "quantization", None):
+        raise QuantizeError("the model is already quantized; quantize its floating-point original instead")
+    scheme = Scheme(bits, group_size, embedding_bits, tuple(skip))
+    unknown = [s for s in scheme.skip if not any(scheme.skips(n) for n, _ in model.named_modules())]
+    if unknown:
+        raise QuantizeError(f"--skip names no layer of this model: {', '.join(unknown)}")
+    layers = [(p, a, n, c) for p, a, n, c in _linears(model) if not scheme.skips(n)]
+    for _, _, name, layer in layers:  # check every layer before changing any
+        if layer.weight.shape[1] % group_size:
+            raise QuantizeError(f"{name}: its {layer.weight.shape[1]} inputs are not a multiple of the group size "
+                                f"{group_size}")
+    for parent, attr, _, layer in layers:
+        setattr(parent, attr, QuantLinear.of(layer.weight, layer.bias, bits, group_size))
+    if embedding_bits and not scheme.skips("wte"):
+        if model.config.n_embd % group_size:
+            raise QuantizeError(f"wte: its {model.config.n_embd} columns are not a multiple of the group size "
+                                f"{group_size}")
+        w = model.wte.weight
+        embedding = QuantEmbedding(*w.shape, group_size, device=w.device)
+        embedding.qweight, embedding.scales = quantize_weight(w, 8, group_size)
+        model.wte = embedding
+    _set_head(model)
+    model.quantization = scheme.to_dict()
+    return model
+
+
+def skeleton(model: GPT, record: dict) -> GPT:
+    """Swap empty quantized modules into a (meta-device) model built from its config, so a quantized state
+    dict loads into it with `assign=True`: the floating-point weights never exist."""
+    scheme = Scheme.from_dict(record)
+    for parent, attr, name, layer in list(_linears(model)):
+        if not scheme.skips(name):
+            N, K = layer.weight.shape
+            setattr(parent, attr, QuantLinear(K, N, layer.bias is not None, scheme.bits, scheme.group_size,
+                                              device=layer.weight.device))
+    if scheme.embedding_bits and not scheme.skips("wte"):
+        model.wte = QuantEmbedding(*model.wte.weight.shape, scheme.group_size, device=model.wte.weight.device)
+    model.quantization = scheme.to_dict()
+    return model
+
+
+def check_loaded(model: GPT) -> GPT:
+    """After a quantized state dict is assigned: every tensor of the stored kind with finite scales (a scale
+    that is not is a corrupt file, which would otherwise decode as NaN), then the tied head's view."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            expected = torch.int8 if layer.bits == 8 else torch.uint8
+            if layer.qweight.dtype != expected or layer.scales.dtype != torch.float16:
+                raise QuantizeError(f"{name} holds {layer.qweight.dtype} weights and {layer.scales.dtype} scales, "
+                                    f"not {expected} and torch.float16")
+            if not torch.isfinite(layer.scales).all():
+                raise QuantizeError(f"{name}.scales holds values that are not finite numbers")
+    _set_head(model)
+    return model
+
+
+@torch.no_grad()
+def dequantize(model: GPT) -> GPT:
+    """The model with floating-point layers again (the quantized values, so not the weights it was made from)."""
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantEmbedding):
+                embedding = nn.Embedding(child.out_features, child.in_features, device=child.qweight.device)
+                embedding.weight.data = child.dequantize()
+                setattr(parent, name, embedding)
+            elif isinstance(child, QuantLinear) and not (parent is model and name == "inference_head"):
+                linear = nn.Linear(child.in_features, child.out_features, child.bias is not None,
+                                   device=child.qweight.device)
+                linear.weight.data = child.dequantize()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.clone()
+                setattr(parent, name, linear)
+    model.inference_head = None
+    model.quantization = None
+    return model
+
+
+def nbytes(model: nn.Module) -> int:
+    """Bytes the model's weights take in memory (parameters and saved buffers)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
