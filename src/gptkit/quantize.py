@@ -116,10 +116,11 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.bits, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
-            y = kernels.quant_linear(x.float(), self.qweight, self.scales, self.bias, self.bits, self.group_size)
+        if not x.is_cuda and not torch.is_grad_enabled():
+            y = kernels.quant_linear(x if x.dtype == torch.float32 else x.float(), self.qweight, self.scales, self.bias,
+                                     self.bits, self.group_size)
             if y is not None:
-                return y.to(x.dtype)
+                return y if x.dtype == torch.float32 else y.to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantize(x.dtype), bias)
 

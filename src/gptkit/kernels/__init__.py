@@ -102,13 +102,15 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None
     """x @ dequant(qweight, scales).T + bias for up to 32 fp32 CPU rows, the quantized weights streamed once per 8;
     None where the kernel does not apply (no compiler, more rows, another dtype or device)."""
     lib = _library()
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
     if (lib is None or not 0 < rows <= QUANT_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
             or bias is not None and bias.dtype != torch.float32):
         return None
-    x = x.contiguous()
-    N, K = scales.shape[0], x.shape[-1]
-    y = torch.empty(*x.shape[:-1], N)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    N = scales.shape[0]
+    y = x.new_empty(x.shape[:-1] + (N,))
     failed = lib.quant_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                               bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, N, K, group_size, bits)
     return None if failed else y

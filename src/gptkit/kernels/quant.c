@@ -34,37 +34,67 @@ static inline __m256i nibbles(const uint8_t *w) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
 }
 
+/* acc[m] += block blk of the row times block blk of x row m, scaled by c[m][blk] */
+static inline __attribute__((always_inline))
+void block(const void *row, const int8_t *restrict xq, long K, long B, float c[][B], int bits, const int M, long blk,
+           __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i w, aw;
+    if (bits == 8) {
+        w = _mm256_loadu_si256((const __m256i *)((const int8_t *)row + 32 * blk));
+        aw = _mm256_sign_epi8(w, w);
+    } else {
+        aw = w = nibbles((const uint8_t *)row + 16 * blk);
+    }
+    for (int m = 0; m < M; m++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + m * K + 32 * blk));
+        __m256i p = _mm256_maddubs_epi16(aw, bits == 8 ? _mm256_sign_epi8(x, w) : x);
+        __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+        acc[m] = _mm256_fmadd_ps(_mm256_broadcast_ss(&c[m][blk]), dot, acc[m]);
+    }
+}
+
 /* out[m] = dequant(row) . x[m] for m < M, with x given as int8 blocks xq, their scales xd and their sums xs
- * (quantize_rows). M is a constant where this is inlined, so the accumulators live in registers; one per row
- * suffices (a 4-cycle FMA chain per 32 weights outpaces memory). */
+ * (quantize_rows). First, per block, the product of the weight scale and each row's x scale (c) and the int4
+ * offset, vectorized over the row's blocks; then the block loop is loads, integer products and one FMA a row.
+ * M is a constant where this is inlined, so the accumulators live in registers; one per row suffices (a
+ * 4-cycle FMA chain per 32 weights outpaces memory). */
 static inline __attribute__((always_inline))
 void dots(const void *row, const half *s, const int8_t *restrict xq, const float *restrict xd,
           const float *restrict xs, long K, long G, int bits, const int M, float *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[8];
-    float offset[8] = {0};
-    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    for (long g = 0, k = 0; g < K / G; g++) {  /* groups outside blocks: no division in the loop */
-        const float d = (float)s[g];
-        for (long end = k + G; k < end; k += 32) {
-            const long blk = k >> 5;
-            __m256i w, aw;
-            if (bits == 8) {
-                w = _mm256_loadu_si256((const __m256i *)((const int8_t *)row + k));
-                aw = _mm256_sign_epi8(w, w);
-            } else {
-                aw = nibbles((const uint8_t *)row + k / 2);
-            }
-            for (int m = 0; m < M; m++) {
-                __m256i x = _mm256_loadu_si256((const __m256i *)(xq + m * K + k));
-                __m256i p = _mm256_maddubs_epi16(aw, bits == 8 ? _mm256_sign_epi8(x, w) : x);
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                acc[m] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[m * (K / 32) + blk]), dot, acc[m]);
-                if (bits == 4) offset[m] += d * xs[m * (K / 32) + blk];
-            }
+    const long B = K / 32;
+    float ws[G == 32 ? 1 : B], c[M][B];
+    if (G != 32)  /* one scale a block: the group's, repeated */
+        for (long g = 0, blk = 0; g < K / G; g++)
+            for (long j = 0; j < G / 32; j++) ws[blk++] = (float)s[g];
+    __m256 off[8];
+    for (int m = 0; m < M; m++) off[m] = _mm256_setzero_ps();
+    long blk = 0;
+    for (; blk + 8 <= B; blk += 8) {
+        __m256 w8 = G == 32 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + blk))) : _mm256_loadu_ps(ws + blk);
+        for (int m = 0; m < M; m++) {
+            _mm256_storeu_ps(&c[m][blk], _mm256_mul_ps(w8, _mm256_loadu_ps(xd + m * B + blk)));
+            off[m] = _mm256_fmadd_ps(w8, _mm256_loadu_ps(xs + m * B + blk), off[m]);
         }
     }
-    for (int m = 0; m < M; m++) out[m] = hsum(acc[m]) - 8.f * offset[m];
+    for (int m = 0; m < M; m++) out[m] = hsum(off[m]);
+    for (; blk < B; blk++) {
+        float w1 = G == 32 ? (float)s[blk] : ws[blk];
+        for (int m = 0; m < M; m++) {
+            c[m][blk] = w1 * xd[m * B + blk];
+            out[m] += w1 * xs[m * B + blk];
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] = bits == 4 ? -8.f * out[m] : 0.f;
+    __m256 acc0[8], acc1[8];  /* two chains a row, alternate blocks: one 4-cycle FMA chain would set the pace */
+    for (int m = 0; m < M; m++) acc0[m] = acc1[m] = _mm256_setzero_ps();
+    for (blk = 0; blk + 2 <= B; blk += 2) {
+        block(row, xq, K, B, c, bits, M, blk, acc0);
+        block(row, xq, K, B, c, bits, M, blk + 1, acc1);
+    }
+    if (blk < B) block(row, xq, K, B, c, bits, M, blk, acc0);
+    for (int m = 0; m < M; m++) acc0[m] = _mm256_add_ps(acc0[m], acc1[m]);
+    for (int m = 0; m < M; m++) out[m] += hsum(acc0[m]);
 }
 #define INT_DOTS 1
 #else
