@@ -259,3 +259,7 @@ def dequantize(model: GPT) -> GPT:
 def nbytes(model: nn.Module) -> int:
     """Bytes the model's weights take in memory (parameters and saved buffers)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "quantization", None))

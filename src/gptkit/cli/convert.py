@@ -5,25 +5,39 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def check_empty(out: Path) -> None:
+    """A command writing a new checkpoint never mixes it into an existing one."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory; choose another --out")
+
+
 def cmd_convert(args) -> None:
     from .. import hf
 
-    if args.from_hf:
+    if args.from_hf or args.from_gguf:
         if not args.out:
-            raise ValueError("--from-hf needs --out DIR")
-        out = hf.convert_from_hf(args.from_hf, Path(args.out))
+            raise ValueError(f"--from-{'hf' if args.from_hf else 'gguf'} needs --out DIR")
+        check_empty(Path(args.out))
+        if args.from_gguf:
+            from .. import gguf
+
+            out = gguf.import_gguf(Path(args.from_gguf), Path(args.out))
+        else:
+            out = hf.convert_from_hf(args.from_hf, Path(args.out))
     elif args.source and args.to_hf:
         out = hf.convert_to_hf(Path(args.source), Path(args.to_hf), dequantize=args.dequantize)
     else:
-        raise ValueError("use `gptkit convert --from-hf SRC --out DIR` or `gptkit convert DIR --to-hf OUT`")
+        raise ValueError("use `gptkit convert --from-hf SRC --out DIR`, `gptkit convert --from-gguf FILE --out DIR` "
+                         "or `gptkit convert DIR --to-hf OUT`")
     print(f"wrote {out}")
 
 
 def _add_convert(sub) -> None:
-    s = sub.add_parser("convert", help="convert to and from Hugging Face transformers checkpoints")
+    s = sub.add_parser("convert", help="convert to and from transformers checkpoints; read GGUF files")
     s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")
     s.add_argument("--from-hf", metavar="SRC", help="transformers checkpoint directory or hub name")
-    s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf)")
+    s.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file (gpt2 or llama; f32, f16, bf16, q8_0, q4_0)")
+    s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf or --from-gguf)")
     s.add_argument("--to-hf", metavar="OUT", help="output transformers directory")
     s.add_argument("--dequantize", action="store_true", help="--to-hf from a quantized checkpoint: write its "
                    "quantized values as floats")
@@ -38,8 +52,7 @@ def cmd_quantize(args) -> None:
     if record:
         raise quantize.QuantizeError(f"{source} is already quantized ({record['bits']}-bit); quantize the "
                                      f"floating-point checkpoint it came from")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not an empty directory; choose another --out")
+    check_empty(out)
     quantize.Scheme(args.bits, args.group_size, None if args.no_embedding else 8, tuple(args.skip))  # check first
     model, tokenizer = checkpoint.load_model(source), checkpoint.load_tokenizer(source)
     before = quantize.nbytes(model)
@@ -62,6 +75,25 @@ def _add_quantize(sub) -> None:
     s.set_defaults(func=cmd_quantize)
 
 
+def cmd_export(args) -> None:
+    from .. import gguf
+
+    out = gguf.export(Path(args.checkpoint), Path(args.out), args.type)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, {args.type})")
+
+
+def _add_export(sub) -> None:
+    from ..gguf import TYPES
+
+    s = sub.add_parser("export", help="write a checkpoint as a llama.cpp GGUF file")
+    s.add_argument("checkpoint")
+    s.add_argument("--format", choices=["gguf"], default="gguf")
+    s.add_argument("--type", choices=TYPES, default="f32", help="how the weight matrices are stored")
+    s.add_argument("--out", required=True, help="the .gguf file to write")
+    s.set_defaults(func=cmd_export)
+
+
 def register(sub) -> None:
     _add_convert(sub)
     _add_quantize(sub)
+    _add_export(sub)
