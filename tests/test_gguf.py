@@ -5,7 +5,7 @@ import torch
 
 from gptkit import GPT, Tokenizer, checkpoint, preset
 from gptkit.cli import main
-from gptkit.gguf import GGUFError, export, import_gguf
+from gptkit.gguf import export, import_gguf
 from gptkit.quantize import dequantize_weight, quantize_weight
 
 gguf = pytest.importorskip("gguf")

@@ -108,10 +108,14 @@ def model_files(model: GPT, tokenizer: Tokenizer | None = None,
     return files
 
 
+RECORDS = ("quantization", "pruning")  # what config.json says of the weights beside the model's config
+
+
 def config_record(model: GPT) -> dict:
-    """What config.json holds: the model's config, and how its weights are stored when they are quantized."""
-    quantization = getattr(model, "quantization", None)
-    return {**model.config.to_dict(), **({"quantization": quantization} if quantization else {})}
+    """What config.json holds: the model's config, and the records of what was done to its weights (how they
+    are quantized, how they were pruned)."""
+    records = {name: getattr(model, name) for name in RECORDS if getattr(model, name, None)}
+    return {**model.config.to_dict(), **records}
 
 
 def save(directory: Path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict[str, Writer] | None = None):
@@ -149,7 +153,8 @@ def _config_json(directory: Path) -> dict:
 
 def load_config(directory: Path) -> GPTConfig:
     record = _config_json(directory)
-    record.pop("quantization", None)
+    for name in RECORDS:
+        record.pop(name, None)
     try:
         return GPTConfig.from_dict(record, complete=True)
     except ConfigError as e:
@@ -178,7 +183,9 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     with torch.device("meta"):
         model = GPT(config)
-    record = quantization(directory)
+    records = _config_json(directory)
+    model.pruning = records.get("pruning")
+    record = records.get("quantization")
     if record:  # quantized modules in place before the weights arrive: the fp32 ones never exist
         from . import quantize
 

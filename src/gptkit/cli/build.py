@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
     from ..train import load_recipe, train
     from ..train.recipe import DEFAULT_TIME_LIMIT, has_limit
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + ([f"init={args.init}"] if args.init else [])
     if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(overrides)):
         print(f"no recipe or limit given: training for {DEFAULT_TIME_LIMIT:.0f} seconds (set --max-steps or "
               f"--time-limit)")
@@ -116,6 +116,8 @@ def _add_train(sub) -> None:
     s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
     s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
+    s.add_argument("--init", metavar="CKPT", help="start from a checkpoint's config and weights (a pruned one "
+                   "keeps its zeros: recovery training)")
     s.add_argument("--out", help="run directory (a checkpoint directory)")
     s.add_argument("--max-steps", type=int)
     s.add_argument("--time-limit", type=float, metavar="SECONDS")

@@ -1,4 +1,4 @@
-"""Commands that change a checkpoint's form: convert (to and from other tools' formats), quantize."""
+"""Commands that change a checkpoint's form: convert (to and from other tools' formats), quantize, export, prune."""
 
 from __future__ import annotations
 
@@ -93,7 +93,45 @@ def _add_export(sub) -> None:
     s.set_defaults(func=cmd_export)
 
 
+def cmd_prune(args) -> None:
+    from .. import checkpoint, prune
+
+    source, out = Path(args.checkpoint), Path(args.out)
+    check_empty(out)
+    pattern = prune.parse_pattern(args.pattern) if args.pattern else None
+    spec = prune.PruneSpec(args.method, args.sparsity, pattern, args.keep)  # check before loading
+    if checkpoint.quantization(source):
+        raise prune.PruneError(f"{source} is quantized; prune the floating-point checkpoint it came from")
+    model, tokenizer = checkpoint.load_model(source), checkpoint.load_tokenizer(source)
+    calibration = (prune.calibration_batches(Path(args.calib), tokenizer, model.config.context, args.calib_sequences)
+                   if args.calib else None)
+    if args.method == "channels":
+        before = model.num_params()
+        model = prune.prune_channels(model, args.keep, calibration)
+        done = f"MLP width {model.config.hidden}, {model.num_params():,} parameters (was {before:,})"
+    else:
+        prune.prune(model, spec, calibration)
+        done = f"{prune.sparsity(model):.1%} of the blocks' linear weights are zero"
+    model.pruning = prune.record(spec, str(args.calib) if args.calib else None, prune.sparsity(model))
+    checkpoint.save(out, model, tokenizer)
+    print(f"wrote {out}: {done}")
+
+
+def _add_prune(sub) -> None:
+    s = sub.add_parser("prune", help="zero unimportant weights (magnitude, Wanda; N:M) or drop MLP channels")
+    s.add_argument("checkpoint")
+    s.add_argument("--method", choices=["magnitude", "wanda", "channels"], required=True)
+    s.add_argument("--sparsity", type=float, help="fraction of each weight row to zero, e.g. 0.5")
+    s.add_argument("--pattern", help="N:M sparsity instead, e.g. 2:4 (keep 2 of every 4 inputs)")
+    s.add_argument("--keep", type=float, help="channels: fraction of MLP channels kept, e.g. 0.75")
+    s.add_argument("--calib", help="calibration text file or prepared data directory (wanda; optional for channels)")
+    s.add_argument("--calib-sequences", type=int, default=128, help="calibration windows of up to 256 tokens")
+    s.add_argument("--out", required=True, help="the pruned checkpoint directory to write")
+    s.set_defaults(func=cmd_prune)
+
+
 def register(sub) -> None:
     _add_convert(sub)
     _add_quantize(sub)
     _add_export(sub)
+    _add_prune(sub)

@@ -24,6 +24,7 @@ class TrainConfig:
     # what to train, on what, where
     preset: str = "tiny-modern"
     model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {n_layer = 6}
+    init: str = ""  # a checkpoint to continue from (its config and weights; a pruned one keeps its zeros)
     data: str = ""  # prepared data directory; empty: the embedded corpus, prepared on first use
     out: str = "runs/default"
     # batch

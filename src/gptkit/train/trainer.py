@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
-from ..config import preset
+from ..config import GPTConfig, preset
 from ..data import TokenShards, embedded_corpus, prepare
 from ..data.corpora import CACHE
 from ..model import GPT
@@ -106,11 +106,17 @@ class Run:
             raise TrainError(f"nothing to resume: {state_path} does not exist")
 
         torch.manual_seed(cfg.seed)
-        model_config = preset(cfg.preset, **{"vocab_size": self.tokenizer.vocab_size, **cfg.model})
+        if cfg.init:
+            model_config = self.check_init(cfg.init)
+        else:
+            model_config = preset(cfg.preset, **{"vocab_size": self.tokenizer.vocab_size, **cfg.model})
         if model_config.vocab_size < self.tokenizer.vocab_size:
             raise TrainError(f"vocab_size {model_config.vocab_size} is smaller than the data's tokenizer "
                              f"({self.tokenizer.vocab_size} tokens)")
         self.model = GPT(model_config).to(self.device)
+        self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, kept): pruned weights stay zero
+        if cfg.init:
+            self.start_from(cfg.init)
         state = read_state(state_path) if resume else None  # read once: checked now, restored below
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state, model_config)
@@ -139,6 +145,31 @@ class Run:
         if resume:
             self.restore(state)
             self.saved_step = self.step
+
+    def check_init(self, init: str) -> GPTConfig:
+        """The config of the checkpoint to start from, if the data and settings fit it."""
+        if checkpoint.quantization(init):
+            raise TrainError(f"{init} is quantized: training needs floating-point weights (start from the "
+                             f"checkpoint it was quantized from)")
+        theirs = checkpoint.load_tokenizer(init)
+        if theirs is None or theirs.to_json() != self.tokenizer.to_json():
+            raise TrainError(f"{init} was trained with another tokenizer than the data's; prepare the data with "
+                             f"its tokenizer")
+        if self.cfg.strategy == "fsdp":
+            raise TrainError("--init is not supported with strategy fsdp yet; use ddp")
+        config = checkpoint.load_config(init)
+        return config.replace(**self.cfg.model) if self.cfg.model else config
+
+    def start_from(self, init: str) -> None:
+        """The initial weights from `init`; where it was pruned (zeros by magnitude, Wanda or N:M), the zeros are
+        held: every optimizer step re-applies the mask."""
+        from ..prune import block_linears
+
+        source = checkpoint.load_model(init, self.device)
+        self.model.load_state_dict(source.state_dict())
+        self.model.pruning = source.pruning
+        if source.pruning and source.pruning.get("method") != "channels":
+            self.masks = [(layer.weight, layer.weight != 0) for layer in block_linears(self.model).values()]
 
     def check_resumable(self, state: dict, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
@@ -292,6 +323,9 @@ def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> 
         opt.step()
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for weight, kept in run.masks:
+            weight.mul_(kept)
     return loss_sum
 
 
