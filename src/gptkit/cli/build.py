@@ -1,4 +1,4 @@
-"""Commands that make a model: info, prepare, train."""
+"""Commands that make a model: info, prepare, train, distill."""
 
 from __future__ import annotations
 
@@ -110,24 +110,52 @@ def _add_prepare(sub) -> None:
     s.set_defaults(func=cmd_prepare)
 
 
-def _add_train(sub) -> None:
-    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
-                       epilog=_train_epilog())
+def _add_run_flags(s) -> None:
+    """The flags of a training run (train, distill)."""
     s.add_argument("--config", help="TOML recipe (e.g. configs/shakespeare-char.toml)")
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
-    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
-    s.add_argument("--init", metavar="CKPT", help="start from a checkpoint's config and weights (a pruned one "
-                   "keeps its zeros: recovery training)")
     s.add_argument("--out", help="run directory (a checkpoint directory)")
     s.add_argument("--max-steps", type=int)
     s.add_argument("--time-limit", type=float, metavar="SECONDS")
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
+
+
+def _add_train(sub) -> None:
+    s = sub.add_parser("train", help="pre-train a model (no arguments: a tiny model on the embedded corpus)",
+                       epilog=_train_epilog())
+    s.add_argument("--preset", help="model preset (listed below; default: the recipe's, tiny-modern)")
+    s.add_argument("--init", metavar="CKPT", help="start from a checkpoint's config and weights (a pruned one "
+                   "keeps its zeros: recovery training)")
+    _add_run_flags(s)
     s.set_defaults(func=cmd_train)
+
+
+def cmd_distill(args) -> None:
+    student = Path(args.student)
+    args.preset, args.init = (None, str(student)) if student.is_dir() else (args.student, None)
+    args.overrides = [*args.overrides, f"teacher={args.teacher}", f"distill_temperature={args.temperature}",
+                      f"distill_alpha={args.alpha}", f"distill_beta={args.beta}", f"distill_cosine={args.cosine}"]
+    return cmd_train(args)
+
+
+def _add_distill(sub) -> None:
+    s = sub.add_parser("distill", help="train a smaller student on a teacher's distributions (DistilGPT2's recipe)",
+                       epilog=_train_epilog())
+    s.add_argument("--teacher", required=True, metavar="CKPT", help="the trained teacher checkpoint")
+    s.add_argument("--student", required=True, help="a preset (with model.FIELD=VALUE changes, e.g. "
+                   "model.n_layer=6: then it starts from every other teacher block) or a checkpoint directory")
+    s.add_argument("--temperature", type=float, default=2.0, help="softens both distributions")
+    s.add_argument("--alpha", type=float, default=5.0, help="weight of KL(teacher || student) x T²")
+    s.add_argument("--beta", type=float, default=2.0, help="weight of the next-token loss")
+    s.add_argument("--cosine", type=float, default=0.0, help="weight of 1 - cos(hidden states); equal widths only")
+    _add_run_flags(s)
+    s.set_defaults(func=cmd_distill)
 
 
 def register(sub) -> None:
     _add_info(sub)
     _add_prepare(sub)
     _add_train(sub)
+    _add_distill(sub)

@@ -1,6 +1,7 @@
 """Training losses of a language model: next-token cross-entropy (on CPU in fp32, the LM head and the loss in
-cache-sized chunks), the in-batch sampled softmax, and `LanguageModelLoss`, the module the trainer wraps (DDP,
-FSDP) and compiles so that the loss runs inside the wrapped forward. One ignore index for every caller."""
+cache-sized chunks), the in-batch sampled softmax, knowledge distillation, and `LanguageModelLoss` /
+`DistillationLoss`, the modules the trainer wraps (DDP, FSDP) and compiles so that the loss runs inside the
+wrapped forward. One ignore index for every caller."""
 
 from __future__ import annotations
 
@@ -99,3 +100,37 @@ class LanguageModelLoss(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor, unigram: Tensor | None = None) -> Tensor:
         return lm_loss(self.body(idx, hidden=True), self.model.head_weight(), targets, unigram)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) of the softened distributions, per position, times T² so that its gradients keep
+    their size as T changes (Hinton et al. 2015; DistilGPT2's loss)."""
+    t = temperature
+    student = F.log_softmax(student_logits.float().flatten(0, -2) / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().flatten(0, -2) / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+class DistillationLoss(LanguageModelLoss):
+    """alpha x KL(teacher || student) at `temperature` + beta x the LM loss (+ cosine x (1 - cos) between the
+    final hidden states, where the widths match): DistilGPT2's objective. The teacher runs without gradients and
+    is not a submodule (DDP must not see it)."""
+
+    def __init__(self, model: GPT, body: nn.Module | None, teacher: GPT, temperature: float = 2.0,
+                 alpha: float = 5.0, beta: float = 2.0, cosine: float = 0.0):
+        super().__init__(model, body)
+        self.teacher = (teacher,)
+        self.temperature, self.alpha, self.beta, self.cosine = temperature, alpha, beta, cosine
+
+    def forward(self, idx: Tensor, targets: Tensor, unigram: Tensor | None = None) -> Tensor:
+        h, w = self.body(idx, hidden=True), self.model.head_weight()
+        teacher = self.teacher[0]
+        with torch.no_grad():
+            h_teacher = teacher(idx, hidden=True)
+            teacher_logits = teacher.logits(h_teacher)
+        loss = self.alpha * distillation_loss(F.linear(h, w), teacher_logits, self.temperature)
+        if self.beta:
+            loss = loss + self.beta * lm_loss(h, w, targets, unigram)
+        if self.cosine:
+            loss = loss + self.cosine * (1 - F.cosine_similarity(h.float(), h_teacher.float(), dim=-1)).mean()
+        return loss

@@ -25,6 +25,12 @@ class TrainConfig:
     preset: str = "tiny-modern"
     model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {n_layer = 6}
     init: str = ""  # a checkpoint to continue from (its config and weights; a pruned one keeps its zeros)
+    # distillation (DistilGPT2's recipe): a teacher checkpoint makes the loss alpha KL + beta LM + cosine (1 - cos)
+    teacher: str = ""
+    distill_temperature: float = 2.0
+    distill_alpha: float = 5.0
+    distill_beta: float = 2.0
+    distill_cosine: float = 0.0  # DistilGPT2 used 1.0; needs the teacher's width
     data: str = ""  # prepared data directory; empty: the embedded corpus, prepared on first use
     out: str = "runs/default"
     # batch
@@ -78,6 +84,8 @@ class TrainConfig:
             (self.lr > 0, "lr must be positive"),
             (self.eval_interval >= 1 and self.ckpt_interval >= 1 and self.log_interval >= 1,
              "intervals must be at least 1"),
+            (self.distill_temperature > 0, "distill_temperature must be positive"),
+            (min(self.distill_alpha, self.distill_beta, self.distill_cosine) >= 0, "distillation weights must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -25,7 +25,7 @@ from ..data.corpora import CACHE
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from . import distributed
-from .loss import LanguageModelLoss
+from .loss import DistillationLoss, LanguageModelLoss
 from .metrics import MetricsLog, Progress, plot_losses
 from .optim import build_optimizers, lr_factor
 from .recipe import TrainConfig
@@ -115,8 +115,11 @@ class Run:
                              f"({self.tokenizer.vocab_size} tokens)")
         self.model = GPT(model_config).to(self.device)
         self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, kept): pruned weights stay zero
+        self.teacher = self.load_teacher(cfg.teacher, model_config) if cfg.teacher else None
         if cfg.init:
             self.start_from(cfg.init)
+        elif self.teacher is not None:
+            self.init_from_teacher()
         state = read_state(state_path) if resume else None  # read once: checked now, restored below
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state, model_config)
@@ -170,6 +173,35 @@ class Run:
         self.model.pruning = source.pruning
         if source.pruning and source.pruning.get("method") != "channels":
             self.masks = [(layer.weight, layer.weight != 0) for layer in block_linears(self.model).values()]
+
+    def load_teacher(self, path: str, student: GPTConfig) -> GPT:
+        """The teacher, frozen, in bf16 where the device computes it natively."""
+        teacher = checkpoint.load_model(path, self.device)
+        if teacher.config.vocab_size != student.vocab_size:
+            raise TrainError(f"the teacher {path} has a vocabulary of {teacher.config.vocab_size} tokens, the student "
+                             f"{student.vocab_size}: distillation compares their distributions token by token")
+        theirs = checkpoint.load_tokenizer(path)
+        if theirs is None or theirs.to_json() != self.tokenizer.to_json():
+            raise TrainError(f"the teacher {path} was trained with another tokenizer than the data's")
+        if self.cfg.distill_cosine and teacher.config.n_embd != student.n_embd:
+            raise TrainError(f"distill_cosine compares hidden states: the teacher is {teacher.config.n_embd} wide, "
+                             f"the student {student.n_embd}")
+        if checkpoint.is_native(torch.bfloat16, self.device) and not checkpoint.quantization(path):
+            teacher = teacher.to(torch.bfloat16)
+        return teacher.requires_grad_(False).eval()
+
+    def init_from_teacher(self) -> None:
+        """DistilGPT2's start: where the student is the teacher with fewer blocks, its blocks are copies of evenly
+        spaced teacher blocks (every other one at half depth), the rest of its weights the teacher's."""
+        t, s = self.teacher.config, self.model.config
+        if t.replace(n_layer=s.n_layer) != s or s.n_layer > t.n_layer:
+            return  # other shapes: the student starts from its own initialisation
+        state = {k: v.float() for k, v in self.teacher.state_dict().items() if not k.startswith("blocks.")}
+        for i in range(s.n_layer):
+            j = i * t.n_layer // s.n_layer
+            state |= {k.replace(f"blocks.{j}.", f"blocks.{i}.", 1): v.float()
+                      for k, v in self.teacher.state_dict().items() if k.startswith(f"blocks.{j}.")}
+        self.model.load_state_dict(state)
 
     def check_resumable(self, state: dict, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
@@ -331,7 +363,9 @@ def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> 
 
 def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
-    with_loss = LanguageModelLoss(model, run.wrapped)
+    with_loss = (LanguageModelLoss(model, run.wrapped) if run.teacher is None else
+                 DistillationLoss(model, run.wrapped, run.teacher, cfg.distill_temperature, cfg.distill_alpha,
+                                  cfg.distill_beta, cfg.distill_cosine))
     compiled = torch.compile(with_loss) if cfg.compile else with_loss
 
     def autocast():
