@@ -139,3 +139,32 @@ def test_recovery_training_keeps_the_pruned_weights_zero(tmp_path, capsys):
     with pytest.raises(ValueError, match="quantized"):
         train(load_recipe(None, [f"init={tmp_path / 'int8'}"], data=str(tmp_path / "data"), out=str(tmp_path / "q"),
                           max_steps=1))
+
+
+@pytest.mark.parametrize("preset_name", ["tiny-gpt2", "tiny-modern"])  # multi-head; grouped-query (whole groups)
+def test_heads_give_the_logits_of_the_masked_model(preset_name):
+    from gptkit.prune import prune_heads
+
+    torch.manual_seed(0)
+    big = GPT(preset(preset_name, vocab_size=300, context=64)).eval()
+    small = prune_heads(big, 0.5, batches())
+    c, s = big.config, small.config
+    assert s.kv_heads == c.kv_heads // 2 and s.n_head == c.n_head // 2 and s.head_dim == c.head_dim
+    assert small.num_params() < big.num_params()
+    d = c.head_dim
+    with torch.no_grad():
+        for b, sb in zip(big.blocks, small.blocks):  # silence the dropped heads: zero their output columns
+            proj, kept = b.attn.proj.weight, sb.attn.proj.weight
+            for h in range(c.n_head):
+                cols = proj[:, h * d:(h + 1) * d]
+                if not any(torch.equal(cols, kept[:, k * d:(k + 1) * d]) for k in range(s.n_head)):
+                    cols.zero_()
+        ids = torch.randint(0, 300, (2, 16))
+        torch.testing.assert_close(small(ids), big(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_head_pruned_model_saves_loads_and_generates(tiny_ckpt, tmp_path):
+    assert main(["prune", str(tiny_ckpt), "--method", "heads", "--keep", "0.5", "--out", str(tmp_path / "h")]) == 0
+    config = checkpoint.load_config(tmp_path / "h")
+    assert config.n_head == checkpoint.load_config(tiny_ckpt).n_head // 2 and config.head_size is not None
+    assert main(["generate", str(tmp_path / "h"), "--prompt", "The", "--max-new-tokens", "4"]) == 0

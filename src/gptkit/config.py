@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 
-ADDED_LATER = {"attn_dropout"}  # fields that checkpoints written before them lack; their default keeps the old meaning
+ADDED_LATER = {"attn_dropout", "head_size"}  # fields that checkpoints written before them lack; their default keeps the old meaning
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,7 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int | None = None  # None: same as n_head (multi-head); fewer: grouped-query attention
     n_embd: int = 768
+    head_size: int | None = None  # None: n_embd / n_head; set when heads were pruned away (prune --method heads)
     mlp_hidden: int | None = None  # None: 4 * n_embd
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -70,7 +71,7 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def hidden(self) -> int:
@@ -83,7 +84,9 @@ class GPTConfig:
 
         for name in ("vocab_size", "context", "n_layer", "n_head", "n_embd"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        need(self.head_size is not None or self.n_embd % self.n_head == 0,
+             f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        need(self.head_size is None or self.head_size > 0, f"head_size must be positive, got {self.head_size}")
         need(self.n_head % self.kv_heads == 0, f"n_head {self.n_head} is not divisible by n_kv_head {self.kv_heads}")
         need(self.pos != "rope" or self.head_dim % 2 == 0, "RoPE needs an even head dimension")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")

@@ -39,6 +39,7 @@ def architecture(c: GPTConfig) -> str:
     _require(not c.local_layers, "GPT-3-style banded attention layers have no llama.cpp equivalent")
     _require(not c.qk_norm, "QK-norm is not part of llama.cpp's gpt2 or llama architectures")
     _require(c.activation != "relu2", "the ReLU² MLP is not part of llama.cpp's gpt2 or llama architectures")
+    _require(c.head_size is None, "a head size other than n_embd / n_head (pruned heads) is not exported yet")
     if c.pos == "learned":
         _require(c.norm == "layernorm" and c.bias and c.activation == "gelu_tanh" and c.kv_heads == c.n_head,
                  "llama.cpp's gpt2 needs LayerNorm, biases, tanh-GELU and as many KV heads as heads")

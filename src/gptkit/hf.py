@@ -184,6 +184,7 @@ def _architecture(c: GPTConfig) -> str:
         _require(not (c.qk_norm and c.bias), "a QK-norm model converts to Qwen3 only without biases")
         return "qwen3" if c.qk_norm else "llama"
     _require(not c.qk_norm, "QK-norm with learned positions has no transformers equivalent")
+    _require(c.head_size is None, "GPT-2 and GPT-1 in transformers have no head size other than n_embd / n_head")
     _require(c.norm == "layernorm" and c.bias and c.activation in ("gelu", "gelu_tanh"),
              "a learned-position model converts to GPT-2/GPT-1 only with LayerNorm, biases and GELU")
     return "gpt2" if c.prenorm else "openai-gpt"
@@ -213,9 +214,9 @@ def convert_to_hf(src: Path, out: Path, dequantize: bool = False) -> Path:
     if t == "llama":
         hf_config = transformers.LlamaConfig(
             **common, hidden_size=c.n_embd, intermediate_size=c.hidden, num_hidden_layers=c.n_layer,
-            num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, max_position_embeddings=c.context,
-            rms_norm_eps=c.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-            attention_bias=c.bias, mlp_bias=c.bias)
+            num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
+            max_position_embeddings=c.context, rms_norm_eps=c.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, attention_bias=c.bias, mlp_bias=c.bias)
     elif t == "qwen3":
         hf_config = transformers.Qwen3Config(
             **common, hidden_size=c.n_embd, intermediate_size=c.hidden, num_hidden_layers=c.n_layer,

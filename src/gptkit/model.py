@@ -117,7 +117,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv, self.d = layer, config.n_head, config.kv_heads, config.head_dim
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.d, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.d, config.n_embd, bias=config.bias)
         self.q_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.d, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout

@@ -1,10 +1,12 @@
-"""Pruning: zero the least important weights of every linear layer of the blocks, or drop whole MLP channels.
+"""Pruning: zero the least important weights of every linear layer of the blocks, or drop whole attention heads
+or MLP channels.
 
 - `magnitude`: importance |W|.  `wanda` (Sun et al. 2023): |W| x the L2 norm of the layer's input feature over
   calibration tokens, so a small weight on a large activation survives. Both compared within each output row,
   either to a fraction of the row (`sparsity`) or as N:M (keep N of every M consecutive inputs: 2:4, 4:8).
-- `channels`: structured; each MLP's hidden channels ranked by their weight norms (x activation norm with
-  calibration), the least important dropped from every layer alike: a smaller dense model, faster everywhere.
+- `heads`, `channels`: structured; attention heads (whole key/value groups) or each MLP's hidden channels
+  ranked by their weight norms (x activation norm with calibration), the least important dropped from every
+  layer alike: a smaller dense model, faster everywhere.
 Unstructured and N:M pruning leave the shapes as they are (zeros in the weights) and give no speed on a CPU.
 """
 
@@ -20,6 +22,8 @@ from .model import GPT
 from .tokenizer import Tokenizer
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+STRUCTURED = ("heads", "channels")  # these make a smaller dense model
+METHODS = ("magnitude", "wanda", *STRUCTURED)
 
 
 class PruneError(ValueError):
@@ -28,17 +32,17 @@ class PruneError(ValueError):
 
 @dataclass(frozen=True)
 class PruneSpec:
-    method: str  # magnitude, wanda, channels
+    method: str  # magnitude, wanda, heads, channels
     sparsity: float | None = None  # fraction of each row's weights zeroed (unstructured)
     pattern: tuple[int, int] | None = None  # N:M: keep N of every M
-    keep: float | None = None  # channels: the fraction of MLP channels kept
+    keep: float | None = None  # heads / channels: the fraction of attention heads / MLP channels kept
 
     def __post_init__(self):
-        if self.method not in ("magnitude", "wanda", "channels"):
-            raise PruneError(f"unknown method {self.method!r}; choose magnitude, wanda or channels")
-        if self.method == "channels":
+        if self.method not in METHODS:
+            raise PruneError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
+        if self.method in STRUCTURED:
             if self.keep is None or not 0 < self.keep < 1:
-                raise PruneError(f"--keep must be between 0 and 1 (exclusive) for channels, got {self.keep}")
+                raise PruneError(f"--keep must be between 0 and 1 (exclusive) for {self.method}, got {self.keep}")
             return
         if (self.sparsity is None) == (self.pattern is None):
             raise PruneError("give either --sparsity or --pattern N:M")
@@ -129,8 +133,8 @@ def row_mask(score: Tensor, spec: PruneSpec, name: str) -> Tensor:
 @torch.no_grad()
 def prune(model: GPT, spec: PruneSpec, calibration: list[Tensor] | None = None) -> dict[str, Tensor]:
     """Zero the pruned weights of every linear of the blocks in place; returns the masks (True = kept)."""
-    if spec.method == "channels":
-        raise PruneError("channels pruning makes a new model: use prune_channels")
+    if spec.method in STRUCTURED:
+        raise PruneError(f"{spec.method} pruning makes a new model: use prune_{spec.method}")
     layers = block_linears(model)
     norms = None
     if spec.method == "wanda":
@@ -173,6 +177,37 @@ def prune_channels(model: GPT, keep: float, calibration: list[Tensor] | None = N
             state[p + "fc.bias"] = block.mlp.fc.bias[rows]
     small.load_state_dict(state)
     return small.eval()
+
+
+@torch.no_grad()
+def prune_heads(model: GPT, keep: float, calibration: list[Tensor] | None = None) -> GPT:
+    """A smaller dense model: the same `round(keep * kv_heads)` most important key/value heads kept in every layer,
+    with their query heads (grouped-query attention drops whole groups). A group's importance: the norms of its
+    query heads' columns of the output projection, times their activation norms when calibrated. The head size
+    stays; the attention's width shrinks (config.head_size records it)."""
+    c = model.config
+    groups, d = c.kv_heads, c.head_dim
+    per_group = c.n_head // groups
+    kept = max(1, round(keep * groups))
+    norms = input_norms(model, calibration, [f"blocks.{i}.attn.proj" for i in range(c.n_layer)]) if calibration else None
+    small = GPT(c.replace(n_head=kept * per_group, n_kv_head=kept if c.n_kv_head else None, head_size=d))
+    state = model.state_dict()
+    for i, block in enumerate(model.blocks):
+        proj = block.attn.proj.weight  # [n_embd, n_head * d]
+        column = proj.norm(dim=0) * (norms[f"blocks.{i}.attn.proj"] if norms is not None else 1)
+        score = column.reshape(groups, per_group * d).norm(dim=1)
+        chosen = score.topk(kept).indices.sort().values
+        q_heads = (chosen[:, None] * per_group + torch.arange(per_group)).flatten()
+        q_rows = (q_heads[:, None] * d + torch.arange(d)).flatten()
+        kv_rows = (chosen[:, None] * d + torch.arange(d)).flatten()
+        rows = torch.cat([q_rows, c.n_head * d + kv_rows, (c.n_head + groups) * d + kv_rows])
+        p = f"blocks.{i}.attn."
+        state[p + "qkv.weight"] = block.attn.qkv.weight[rows]
+        if c.bias:
+            state[p + "qkv.bias"] = block.attn.qkv.bias[rows]
+        state[p + "proj.weight"] = proj[:, q_rows]
+    small.load_state_dict(state)
+    return small.to(model.device).eval()
 
 
 def sparsity(model: GPT) -> float:

@@ -105,10 +105,11 @@ def cmd_prune(args) -> None:
     model, tokenizer = checkpoint.load_model(source), checkpoint.load_tokenizer(source)
     calibration = (prune.calibration_batches(Path(args.calib), tokenizer, model.config.context, args.calib_sequences)
                    if args.calib else None)
-    if args.method == "channels":
+    if args.method in prune.STRUCTURED:
         before = model.num_params()
-        model = prune.prune_channels(model, args.keep, calibration)
-        done = f"MLP width {model.config.hidden}, {model.num_params():,} parameters (was {before:,})"
+        model = getattr(prune, f"prune_{args.method}")(model, args.keep, calibration)
+        done = (f"{model.config.n_head} heads, MLP width {model.config.hidden}, {model.num_params():,} parameters "
+                f"(was {before:,})")
     else:
         prune.prune(model, spec, calibration)
         done = f"{prune.sparsity(model):.1%} of the blocks' linear weights are zero"
@@ -118,13 +119,14 @@ def cmd_prune(args) -> None:
 
 
 def _add_prune(sub) -> None:
-    s = sub.add_parser("prune", help="zero unimportant weights (magnitude, Wanda; N:M) or drop MLP channels")
+    s = sub.add_parser("prune", help="zero unimportant weights (magnitude, Wanda; N:M) or drop heads / MLP channels")
     s.add_argument("checkpoint")
-    s.add_argument("--method", choices=["magnitude", "wanda", "channels"], required=True)
+    s.add_argument("--method", choices=["magnitude", "wanda", "heads", "channels"], required=True)
     s.add_argument("--sparsity", type=float, help="fraction of each weight row to zero, e.g. 0.5")
     s.add_argument("--pattern", help="N:M sparsity instead, e.g. 2:4 (keep 2 of every 4 inputs)")
-    s.add_argument("--keep", type=float, help="channels: fraction of MLP channels kept, e.g. 0.75")
-    s.add_argument("--calib", help="calibration text file or prepared data directory (wanda; optional for channels)")
+    s.add_argument("--keep", type=float, help="heads / channels: fraction of attention heads (key/value groups) or "
+                   "MLP channels kept, e.g. 0.75")
+    s.add_argument("--calib", help="calibration text file or prepared data directory (wanda; optional for heads, channels)")
     s.add_argument("--calib-sequences", type=int, default=128, help="calibration windows of up to 256 tokens")
     s.add_argument("--out", required=True, help="the pruned checkpoint directory to write")
     s.set_defaults(func=cmd_prune)
