@@ -58,18 +58,6 @@ def load_peak(path: Path) -> dict:
     return json.loads(out.stdout)
 
 
-def best_rates(runs: dict, new_tokens: int, repeats: int) -> dict:
-    times = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
-    return {name: new_tokens / min(ts) for name, ts in times.items()}
-
-
 def write_precisions(fp32_dir: Path, root: Path, with_bf16: bool) -> dict[str, Path]:
     dirs = {"fp32": fp32_dir}
     for bits in (8, 4):
@@ -83,6 +71,8 @@ def write_precisions(fp32_dir: Path, root: Path, with_bf16: bool) -> dict[str, P
 
 def speed(args, root: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from decode import best_rates  # benchmarks/decode.py: interleaved runs, best of each
 
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config()).eval()
