@@ -1,5 +1,5 @@
 """The `gptkit` command: one subcommand per stage, thin over the modules. Each subcommand's flags and its
-function sit together in the group module named for what it does (build, run, tune, convert)."""
+function sit together in the group module named for what it does (build, run, tune, convert, lab)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import argparse
 import os
 import sys
 
-from . import build, convert, run, tune
+from . import build, convert, lab, run, tune
 
 OPTIONAL_MODULES = {"transformers": "hf", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-                    "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf", "gguf": "gguf"}  # module -> the extra
+                    "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf", "gguf": "gguf",
+                    "scipy": "lab"}  # module -> the extra
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     sub.add_parser = add_parser
-    for group in (build, run, tune, convert):
+    for group in (build, run, tune, convert, lab):
         group.register(sub)
     return p
 

@@ -1,0 +1,120 @@
+"""The GPT evolution lab: GPT-1, GPT-2, GPT-3-style and modern decoders at matched size on the same data, budget
+and seed, and the ladder from GPT-1 to modern that changes one thing at a time."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from ..config import GPTConfig
+from ..tokenizer import Tokenizer
+from .runs import Run, body_params, match_width, run, shape, time_to
+
+GPT1 = dict(prenorm=False, pos="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=False)
+# (row, model field changes, recipe changes): each rung changes exactly one thing from the one before
+LADDER = [
+    ("GPT-1 (post-norm)", {}, {}),
+    ("+ pre-norm (GPT-2)", {"prenorm": True}, {}),
+    ("+ RoPE", {"pos": "rope"}, {}),
+    ("+ RMSNorm", {"norm": "rmsnorm"}, {}),
+    ("+ SwiGLU", {"activation": "swiglu"}, {}),
+    ("+ QK-norm", {"qk_norm": True}, {}),
+    ("+ no biases", {"bias": False}, {}),
+    ("+ grouped-query attention", {"n_kv_head": "half"}, {}),
+    ("+ Muon", {}, {"optimizer": "muon"}),
+    ("+ WSD schedule = modern", {}, {"schedule": "wsd"}),
+]
+BASE_RECIPE = {"optimizer": "adamw", "schedule": "cosine", "lr": 3e-3, "warmup_steps": 20, "batch_size": 16}
+
+
+def ladder(base: GPTConfig) -> list[Run]:
+    """The ablation rungs, each at the size of GPT-2's rung (its MLP width adjusted to match)."""
+    config, recipe, rungs = base.replace(**GPT1), dict(BASE_RECIPE), []
+    target = body_params(config.replace(prenorm=True))
+    for name, model, changes in LADDER:
+        model = {k: (max(1, config.n_head // 2) if v == "half" else v) for k, v in model.items()}
+        config, recipe = match_width(config.replace(**model), target) if model else config, {**recipe, **changes}
+        rungs.append(Run(name, config, recipe))
+    return rungs
+
+
+def generations(base: GPTConfig) -> list[Run]:
+    """GPT-1, GPT-2, GPT-3-style (alternating dense and locally banded attention) and modern, at matched size."""
+    rungs = ladder(base)
+    gpt2 = rungs[1]
+    gpt3 = Run("GPT-3-style (banded)", gpt2.config.replace(window=max(16, base.context // 4),
+                                                           local_layers=tuple(range(1, base.n_layer, 2))), gpt2.recipe)
+    return [rungs[0], gpt2, gpt3, rungs[-1]]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: int = 1, context: int = 256,
+              say=print) -> list[dict]:
+    """Train every generation and ladder rung (`seeds` times each, resuming a stopped lab where it was), then
+    write `table.md` and `evolution.png` to `out`. Returns one summary per run."""
+    vocab = Tokenizer.load(Path(data)).vocab_size
+    base = GPTConfig(vocab_size=vocab, context=context, **shape(params))
+    runs = {r.name: r for r in [*generations(base), *ladder(base)]}  # GPT-1 and GPT-2 are in both: run once
+    results = []
+    for lab_run in runs.values():
+        for seed in range(seeds):
+            result = run(Run(slug(lab_run.name), lab_run.config, lab_run.recipe), Path(out), data, budget, seed)
+            result["name"] = lab_run.name
+            say(f"{lab_run.name} (seed {seed}): val loss {result['val_loss']:.4f}, {result['tokens']:,} tokens, "
+                f"{result['tokens_per_s']:,.0f} tokens/s")
+            results.append(result)
+    write_table(results, Path(out) / "table.md", Tokenizer.load(Path(data)), data)
+    plot(results, Path(out) / "evolution.png")
+    return results
+
+
+def _chars_per_token(data: str) -> float:
+    import json
+
+    meta = json.loads((Path(data) / "meta.json").read_text())
+    tokens = sum(s["tokens"] for s in meta["splits"].values())
+    return meta["chars"] / tokens if tokens else math.nan
+
+
+def write_table(results: list[dict], path: Path, tokenizer: Tokenizer, data: str) -> str:
+    by_name: dict[str, list[dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    common = max(statistics.mean(x["val_loss"] for x in rs) for rs in by_name.values())  # the worst final loss
+    per_char = _chars_per_token(data)
+    lines = [f"| run | parameters | tokens | tokens/s | val loss | bits/char | seconds to {common:.3f} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in by_name.items():
+        losses = [r["val_loss"] for r in rs]
+        spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
+        seconds = statistics.mean(time_to(r["curve"], common, "elapsed_s") for r in rs)
+        lines.append(f"| {name} | {rs[0]['params']:,} | {statistics.mean(r['tokens'] for r in rs):,.0f} | "
+                     f"{statistics.mean(r['tokens_per_s'] for r in rs):,.0f} | {statistics.mean(losses):.4f}{spread} | "
+                     f"{statistics.mean(losses) / math.log(2) / per_char:.3f} | {seconds:.0f} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(results: list[dict], png: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    by_tokens, by_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for r in results:
+        label = r["name"] + (f" (seed {r['seed']})" if r["seed"] else "")
+        by_tokens.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], label=label, lw=1)
+        by_time.plot([p["elapsed_s"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], label=label, lw=1)
+    for ax, x in ((by_tokens, "tokens"), (by_time, "seconds")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    by_time.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)

@@ -1,0 +1,97 @@
+"""What the labs share: a model shape for a parameter budget, width matching, resumable runs, their curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import GPTConfig
+from ..model import GPT
+from ..train import load_recipe, train
+from ..train.metrics import read_metrics
+from ..train.trainer import STATE_FILE
+
+RESULT_FILE = "result.json"  # written last: a run with it is finished
+
+
+class LabError(ValueError):
+    """A lab that cannot run as asked."""
+
+
+def shape(params: float) -> dict:
+    """Depth, width and heads of a GPT-2-shaped model with about `params` non-embedding parameters
+    (12 x layers x width², depth growing with width as in GPT-2's family)."""
+    if params <= 0:
+        raise LabError(f"a parameter budget must be positive, got {params}")
+    width = max(64, round((params * 64 / 12) ** (1 / 3) / 64) * 64)
+    return {"n_layer": max(2, width // 64), "n_embd": width, "n_head": max(1, width // 64)}
+
+
+def body_params(config: GPTConfig) -> int:
+    with torch.device("meta"):
+        return GPT(config).num_params(embeddings=False)
+
+
+def match_width(config: GPTConfig, target: int) -> GPTConfig:
+    """The config with the MLP width (a multiple of 32) that brings its non-embedding parameters closest to
+    `target`: architectures compared at the same size."""
+    base, step = config.replace(mlp_hidden=32), config.replace(mlp_hidden=64)
+    p0, slope = body_params(base), body_params(step) - body_params(base)
+    hidden = max(32, 32 * round((target - p0) / slope + 1))
+    return config.replace(mlp_hidden=hidden)
+
+
+@dataclass
+class Run:
+    """One training run of a lab: a name, its model config and recipe changes, and where it lives."""
+
+    name: str
+    config: GPTConfig
+    recipe: dict = field(default_factory=dict)
+
+    def overrides(self) -> list[str]:
+        model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                 for k, v in self.config.to_dict().items() if v is not None]
+        return [*model, *(f"{k}={json.dumps(v)}" for k, v in self.recipe.items())]
+
+
+def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
+    """Train `lab_run` (or continue it where it stopped; or skip it when finished): its result."""
+    directory = out / f"{lab_run.name}-seed{seed}"
+    if (directory / RESULT_FILE).exists():
+        return json.loads((directory / RESULT_FILE).read_text())
+    resume = (directory / STATE_FILE).exists()
+    if directory.exists() and not resume:
+        shutil.rmtree(directory)  # killed before its first checkpoint: start it again
+    cfg = load_recipe(None, [*lab_run.overrides(), f"seed={seed}", "eval_interval=50", "ckpt_interval=200"],
+                      preset="gpt2", data=data, out=str(directory), max_steps=0, **budget)
+    result = train(cfg, resume=resume, quiet=quiet)
+    rows = read_metrics(directory / "metrics.jsonl")
+    curve = [(r["step"], r["val_loss"], r["elapsed_s"]) for r in rows if "val_loss" in r]
+    train_rows = [r for r in rows if "tokens" in r]
+    tokens_per_step = train_rows[-1]["tokens"] / train_rows[-1]["step"] if train_rows else 0
+    summary = {"name": lab_run.name, "seed": seed, "params": body_params(lab_run.config),
+               "tokens": result["tokens"], "elapsed_s": result["elapsed_s"],
+               "tokens_per_s": result["tokens"] / max(result["elapsed_s"], 1e-9),
+               "val_loss": curve[-1][1] if curve else result["val_loss"],  # a resumed finished run trains no step
+               "curve": [{"tokens": s * tokens_per_step, "val_loss": v, "elapsed_s": e} for s, v, e in curve]}
+    (directory / RESULT_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def time_to(curve: list[dict], loss: float, key: str) -> float:
+    """When (in `key` units: tokens or elapsed_s) a validation curve first reaches `loss`, interpolated."""
+    previous = None
+    for point in curve:
+        if point["val_loss"] <= loss:
+            if previous is None:
+                return point[key]
+            a, b = previous["val_loss"], point["val_loss"]
+            return previous[key] + (point[key] - previous[key]) * (a - loss) / (a - b)
+        previous = point
+    return math.nan

@@ -1,0 +1,89 @@
+"""The labs: matched sizes, a ladder of single changes, a fit that recovers known exponents, resumable runs."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from gptkit import GPTConfig
+from gptkit.cli import main
+from gptkit.lab import fit, generations, ladder, shape
+from gptkit.lab.runs import body_params
+
+pytest.importorskip("scipy")
+BASE = GPTConfig(vocab_size=512, context=64, **shape(1e6))
+
+
+def test_every_architecture_has_the_same_size_within_5_percent():
+    runs = [*generations(BASE), *ladder(BASE)]
+    target = body_params(runs[1].config)  # GPT-2
+    for r in runs:
+        assert abs(body_params(r.config) / target - 1) < 0.05, r.name
+
+
+def test_each_rung_changes_exactly_one_thing():
+    rungs = ladder(BASE)
+    for before, after in zip(rungs, rungs[1:]):
+        model = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "mlp_hidden"  # the size matching
+                 and getattr(before.config, f.name) != getattr(after.config, f.name)]
+        recipe = [k for k in {**before.recipe, **after.recipe} if before.recipe.get(k) != after.recipe.get(k)]
+        assert len(model) + len(recipe) == 1, (after.name, model, recipe)
+    assert rungs[0].config.prenorm is False and rungs[-1].config.pos == "rope"
+    assert [g.name for g in generations(BASE)][2] == "GPT-3-style (banded)"
+
+
+def test_the_fit_recovers_known_exponents():
+    rng = np.random.default_rng(0)
+    N, D = np.meshgrid([1e5, 3e5, 1e6, 3e6], [1e6, 3e6, 1e7, 3e7])
+    N, D = N.ravel(), D.ravel()
+    L = (1.7 + 400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(rng.normal(0, 1e-3, N.shape))
+    law = fit(N, D, L)
+    assert law.alpha == pytest.approx(0.34, abs=0.03) and law.beta == pytest.approx(0.28, abs=0.03)
+    assert law.E == pytest.approx(1.7, rel=0.05)
+    n, d = law.optimal(1e18)
+    assert 6 * n * d == pytest.approx(1e18, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from gptkit.data import prepare, read_sources
+
+    d = tmp_path_factory.mktemp("lab")
+    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 400)
+    prepare(read_sources(texts=[str(d / "t.txt")]), d / "data", tokenizer="char")
+    return d / "data"
+
+
+def test_the_evolution_lab_writes_its_table_and_resumes(data, tmp_path, capsys):
+    argv = ["lab", "evolution", "--data", str(data), "--tokens", "2048", "--params", "2e4", "--context", "32",
+            "--out", str(tmp_path / "lab")]
+    assert main(argv) == 0
+    table = (tmp_path / "lab" / "table.md").read_text()
+    for row in ("GPT-1 (post-norm)", "GPT-3-style (banded)", "+ SwiGLU", "+ WSD schedule = modern"):
+        assert row in table
+    assert (tmp_path / "lab" / "evolution.png").stat().st_size > 10_000
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "lab").glob("*/model.safetensors")}
+    assert len(finished) == 11  # GPT-1, GPT-2 and modern are rungs of the ladder too: trained once
+    stopped = next(iter(finished)).parent
+    (stopped / "result.json").unlink()  # as if the lab had been stopped before that run's summary
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (stopped / "result.json").exists() and "GPT-1 (post-norm)" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items() if p.parent != stopped)  # none retrained
+
+
+def test_the_scaling_lab_fits_and_predicts(data, tmp_path, capsys):
+    out = str(tmp_path / "scaling")
+    assert main(["lab", "scaling", "--data", str(data), "--sizes", "1e4,3e4", "--tokens", "1024,2048,4096",
+                 "--context", "32", "--out", out]) == 0
+    record = json.loads((tmp_path / "scaling" / "fit.json").read_text())
+    assert len(record["points"]) == 6 and record["compute_optimal"]["tokens_per_param"] > 0
+    assert (tmp_path / "scaling" / "scaling.png").exists()
+    assert main(["lab", "scaling", "--predict", "1e6,1e8", "--out", out]) == 0
+    assert "predicted validation loss" in capsys.readouterr().out
+
+
+def test_a_lab_needs_one_budget(tmp_path, capsys):
+    assert main(["lab", "evolution", "--out", str(tmp_path / "x")]) == 1
+    assert "--budget SECONDS or --tokens N" in capsys.readouterr().err
