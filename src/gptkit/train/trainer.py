@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint
-from ..config import GPTConfig, preset
 from ..data import TokenShards, embedded_corpus, prepare
 from ..data.corpora import CACHE
 from ..model import GPT
 from ..tokenizer import Tokenizer
-from . import distributed
+from . import distributed, start
+from .start import TrainError
 from .loss import DistillationLoss, LanguageModelLoss
 from .metrics import MetricsLog, Progress, plot_losses
 from .optim import build_optimizers, lr_factor
@@ -32,10 +32,6 @@ from .recipe import TrainConfig
 
 STATE_FILE = "train_state.pt"
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
-
-
-class TrainError(ValueError):
-    """A run that cannot start or continue as asked."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,20 +102,8 @@ class Run:
             raise TrainError(f"nothing to resume: {state_path} does not exist")
 
         torch.manual_seed(cfg.seed)
-        if cfg.init:
-            model_config = self.check_init(cfg.init)
-        else:
-            model_config = preset(cfg.preset, **{"vocab_size": self.tokenizer.vocab_size, **cfg.model})
-        if model_config.vocab_size < self.tokenizer.vocab_size:
-            raise TrainError(f"vocab_size {model_config.vocab_size} is smaller than the data's tokenizer "
-                             f"({self.tokenizer.vocab_size} tokens)")
-        self.model = GPT(model_config).to(self.device)
-        self.masks: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, kept): pruned weights stay zero
-        self.teacher = self.load_teacher(cfg.teacher, model_config) if cfg.teacher else None
-        if cfg.init:
-            self.start_from(cfg.init)
-        elif self.teacher is not None:
-            self.init_from_teacher()
+        self.model, self.teacher, self.masks = start.build(cfg, self.tokenizer, self.device)
+        model_config = self.model.config
         state = read_state(state_path) if resume else None  # read once: checked now, restored below
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state, model_config)
@@ -148,60 +132,6 @@ class Run:
         if resume:
             self.restore(state)
             self.saved_step = self.step
-
-    def check_init(self, init: str) -> GPTConfig:
-        """The config of the checkpoint to start from, if the data and settings fit it."""
-        if checkpoint.quantization(init):
-            raise TrainError(f"{init} is quantized: training needs floating-point weights (start from the "
-                             f"checkpoint it was quantized from)")
-        theirs = checkpoint.load_tokenizer(init)
-        if theirs is None or theirs.to_json() != self.tokenizer.to_json():
-            raise TrainError(f"{init} was trained with another tokenizer than the data's; prepare the data with "
-                             f"its tokenizer")
-        if self.cfg.strategy == "fsdp":
-            raise TrainError("--init is not supported with strategy fsdp yet; use ddp")
-        config = checkpoint.load_config(init)
-        return config.replace(**self.cfg.model) if self.cfg.model else config
-
-    def start_from(self, init: str) -> None:
-        """The initial weights from `init`; where it was pruned (zeros by magnitude, Wanda or N:M), the zeros are
-        held: every optimizer step re-applies the mask."""
-        from ..prune import block_linears
-
-        source = checkpoint.load_model(init, self.device)
-        self.model.load_state_dict(source.state_dict())
-        self.model.pruning = source.pruning
-        if source.pruning and source.pruning.get("method") != "channels":
-            self.masks = [(layer.weight, layer.weight != 0) for layer in block_linears(self.model).values()]
-
-    def load_teacher(self, path: str, student: GPTConfig) -> GPT:
-        """The teacher, frozen, in bf16 where the device computes it natively."""
-        teacher = checkpoint.load_model(path, self.device)
-        if teacher.config.vocab_size != student.vocab_size:
-            raise TrainError(f"the teacher {path} has a vocabulary of {teacher.config.vocab_size} tokens, the student "
-                             f"{student.vocab_size}: distillation compares their distributions token by token")
-        theirs = checkpoint.load_tokenizer(path)
-        if theirs is None or theirs.to_json() != self.tokenizer.to_json():
-            raise TrainError(f"the teacher {path} was trained with another tokenizer than the data's")
-        if self.cfg.distill_cosine and teacher.config.n_embd != student.n_embd:
-            raise TrainError(f"distill_cosine compares hidden states: the teacher is {teacher.config.n_embd} wide, "
-                             f"the student {student.n_embd}")
-        if checkpoint.is_native(torch.bfloat16, self.device) and not checkpoint.quantization(path):
-            teacher = teacher.to(torch.bfloat16)
-        return teacher.requires_grad_(False).eval()
-
-    def init_from_teacher(self) -> None:
-        """DistilGPT2's start: where the student is the teacher with fewer blocks, its blocks are copies of evenly
-        spaced teacher blocks (every other one at half depth), the rest of its weights the teacher's."""
-        t, s = self.teacher.config, self.model.config
-        if t.replace(n_layer=s.n_layer) != s or s.n_layer > t.n_layer:
-            return  # other shapes: the student starts from its own initialisation
-        state = {k: v.float() for k, v in self.teacher.state_dict().items() if not k.startswith("blocks.")}
-        for i in range(s.n_layer):
-            j = i * t.n_layer // s.n_layer
-            state |= {k.replace(f"blocks.{j}.", f"blocks.{i}.", 1): v.float()
-                      for k, v in self.teacher.state_dict().items() if k.startswith(f"blocks.{j}.")}
-        self.model.load_state_dict(state)
 
     def check_resumable(self, state: dict, model_config) -> None:
         saved_config = checkpoint.load_config(self.out)
