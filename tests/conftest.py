@@ -24,3 +24,14 @@ def tiny_ckpt(tmp_path, bpe):
     model = GPT(preset("tiny-gpt2", vocab_size=bpe.vocab_size, context=64))
     checkpoint.save(tmp_path / "ckpt", model, bpe)
     return tmp_path / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def cat_data(tmp_path_factory):
+    """A small prepared character-level data directory (train and val shards)."""
+    from gptkit.data import prepare, read_sources
+
+    d = tmp_path_factory.mktemp("cat")
+    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 400)
+    prepare(read_sources(texts=[str(d / "t.txt")]), d / "data", tokenizer="char")
+    return d / "data"

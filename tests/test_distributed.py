@@ -9,19 +9,15 @@ import sys
 import pytest
 
 from gptkit import checkpoint
-from gptkit.data import prepare, read_sources
 
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
 COMMON = ["--preset", "tiny-gpt2", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.context=32",
           "batch_size=4", "log_interval=1", "eval_interval=3", "ckpt_interval=3", "warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dist")
-    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 300)
-    prepare(read_sources(texts=[str(d / "t.txt")]), d / "data", tokenizer="char")
-    return d / "data"
+@pytest.fixture
+def data(cat_data):
+    return cat_data
 
 
 def gptkit_train(out, data, *args, procs=1):

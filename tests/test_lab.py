@@ -45,14 +45,9 @@ def test_the_fit_recovers_known_exponents():
     assert 6 * n * d == pytest.approx(1e18, rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from gptkit.data import prepare, read_sources
-
-    d = tmp_path_factory.mktemp("lab")
-    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 400)
-    prepare(read_sources(texts=[str(d / "t.txt")]), d / "data", tokenizer="char")
-    return d / "data"
+@pytest.fixture
+def data(cat_data):
+    return cat_data
 
 
 def test_the_evolution_lab_writes_its_table_and_resumes(data, tmp_path, capsys):

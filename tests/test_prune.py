@@ -118,13 +118,10 @@ def test_bad_pruning_requests(tiny_ckpt, tmp_path, capsys, bpe):
     fails("--method", "wanda", "--sparsity", "0.5", "--calib", str(tmp_path / "chars"), says="different tokenizer")
 
 
-def test_recovery_training_keeps_the_pruned_weights_zero(tmp_path, capsys):
-    from gptkit.data import prepare, read_sources
+def test_recovery_training_keeps_the_pruned_weights_zero(tmp_path, cat_data):
     from gptkit.train import load_recipe, train
 
-    (tmp_path / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. " * 300)
-    prepare(read_sources(texts=[str(tmp_path / "t.txt")]), tmp_path / "data", tokenizer="char")
-    common = ["--data", str(tmp_path / "data"), "block_size=32", "batch_size=4", "warmup_steps=2"]
+    common = ["--data", str(cat_data), "block_size=32", "batch_size=4", "warmup_steps=2"]
     assert main(["train", "--preset", "tiny-gpt2", "--out", str(tmp_path / "base"), "--max-steps", "5", *common]) == 0
     assert main(["prune", str(tmp_path / "base"), "--method", "magnitude", "--pattern", "2:4",
                  "--out", str(tmp_path / "pruned")]) == 0
@@ -137,7 +134,7 @@ def test_recovery_training_keeps_the_pruned_weights_zero(tmp_path, capsys):
     assert recovered.pruning["pattern"] == [2, 4]  # the record travels with the weights
     main(["quantize", str(tmp_path / "base"), "--out", str(tmp_path / "int8")])
     with pytest.raises(ValueError, match="quantized"):
-        train(load_recipe(None, [f"init={tmp_path / 'int8'}"], data=str(tmp_path / "data"), out=str(tmp_path / "q"),
+        train(load_recipe(None, [f"init={tmp_path / 'int8'}"], data=str(cat_data), out=str(tmp_path / "q"),
                           max_steps=1))
 
 
