@@ -152,9 +152,11 @@ def _config_json(directory: Path) -> dict:
 
 
 def load_config(directory: Path) -> GPTConfig:
-    record = _config_json(directory)
-    for name in RECORDS:
-        record.pop(name, None)
+    return _config(_config_json(directory), directory)
+
+
+def _config(record: dict, directory: Path) -> GPTConfig:
+    record = {k: v for k, v in record.items() if k not in RECORDS}
     try:
         return GPTConfig.from_dict(record, complete=True)
     except ConfigError as e:
@@ -171,7 +173,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
     depend on (e.g. the dropout to fine-tune with)."""
     directory = Path(directory)
     device = check_device(device)
-    config = load_config(directory)
+    records = _config_json(directory)  # read once: the config and what was done to the weights
+    config = _config(records, directory)
     if overrides:
         config = config.replace(**overrides)
     path = directory / WEIGHTS_FILE
@@ -183,7 +186,6 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     with torch.device("meta"):
         model = GPT(config)
-    records = _config_json(directory)
     model.pruning = records.get("pruning")
     record = records.get("quantization")
     if record:  # quantized modules in place before the weights arrive: the fp32 ones never exist
