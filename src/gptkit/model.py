@@ -187,6 +187,7 @@ class GPT(nn.Module):
         self.norm_f = _norm(config, config.n_embd) if config.prenorm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.inference_head: nn.Module | None = None  # a faster module computing the same logits (kernels.pack)
+        self.inference_step = None  # a native one-token step computing the same hidden states (kernels.step)
         if config.pos == "rope":
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -229,6 +230,10 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final hidden states [B, T, n_embd]. With a cache, row b's tokens follow the row's cached ones."""
         B, T = idx.shape
+        if self.inference_step is not None and cache is not None and T == 1 and not torch.is_grad_enabled():
+            h = self.inference_step(idx, cache)
+            if h is not None:
+                return h
         if cache is None:
             if T > self.config.context:
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.context}")

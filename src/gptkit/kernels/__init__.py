@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "quant.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.c", "quant.c", "step.c")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 64  # measured (AVX2 EPYC): passes of 8 rows beat MKL up to 64 rows, oneDNN up to 32
 
@@ -71,6 +71,9 @@ def _library():
     lib.skinny_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     lib.quant_linear.restype = ctypes.c_int
     lib.quant_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 5
+    lib.decode_step.restype = ctypes.c_int
+    lib.decode_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 + \
+        [ctypes.c_long] * 2
     return lib
 
 

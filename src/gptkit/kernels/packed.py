@@ -38,7 +38,8 @@ class PackedLinear(nn.Module):
 def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     """Swap every fp32/bf16 linear layer of a CPU model (a GPT) for a PackedLinear over the same parameters,
     and give it a packed LM head (`inference_head`, over the tied embedding where there is one) unless it has
-    a faster one already (a quantized model's). Returns the model; a no-op elsewhere."""
+    a faster one already (a quantized model's), and a native decode step (`inference_step`: every block of a
+    one-token step in one call, step.c) where its layers allow. Returns the model; a no-op elsewhere."""
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return model
     for module in list(model.modules()):
@@ -49,4 +50,9 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     if model.inference_head is None and isinstance(head, (nn.Embedding, PackedLinear)):
         # a detached view: the head must not add a key to the state dict
         model.inference_head = PackedLinear(head.weight.detach(), None)
+    if available():
+        from .step import DecodeStep  # it reads PackedLinear's weights
+
+        step = DecodeStep(model)
+        model.inference_step = step if step.plan is not None else None
     return model
