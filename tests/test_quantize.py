@@ -12,8 +12,8 @@ import gptkit
 from gptkit import GPT, checkpoint, kernels, preset
 from gptkit.cli import main
 from gptkit.data import prepare, read_sources
-from gptkit.quantize import (QuantEmbedding, QuantizeError, QuantLinear, dequantize, dequantize_weight, quantize,
-                             quantize_weight)
+from gptkit.quantize import (QuantEmbedding, QuantizeError, QuantLinear, deinterleave, dequantize, dequantize_weight,
+                             interleave, quantize, quantize_weight)
 from gptkit.train import load_recipe, train
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler with OpenMP on this machine")
@@ -43,12 +43,27 @@ def test_quantized_kernel_equals_dequantize_then_linear(kernel_path, bits, rows,
     w, x, b = torch.randn(257, K), torch.randn(rows, 1, K), torch.randn(257)  # 257 outputs: odd, no multiple
     q, s = quantize_weight(w, bits, group)
     with torch.inference_mode():
-        y = kernels.quant_linear(x, q, s, b, bits, group)
+        y = kernels.quant_linear(x, *interleave(q, s), b, bits, group)  # 32 groups of 8 rows, one row after
     ref = F.linear(x, dequantize_weight(q, s, bits), b)
     assert y.shape == ref.shape
     # the native build quantizes activations to int8 blocks as llama.cpp does (about 0.5% relative error);
     # the plain C build keeps them fp32
     assert relative_error(y, ref) < (2e-2 if kernel_path == "native" else 1e-5)
+
+
+@pytest.mark.parametrize("rows", [8, 13, 5])
+def test_layers_hold_their_blocks_interleaved_and_save_them_as_stored(rows):
+    q, s = quantize_weight(torch.randn(rows, 64), 4, 32)
+    qi, si = interleave(q, s)
+    if rows >= 8:  # chunk 1 (bytes 4-7) of row 0 comes right after chunk 0 of rows 0-7
+        assert torch.equal(qi.flatten()[32:36], q[0, 4:8]) and torch.equal(si[0, :2], s[:2, 0])
+    assert all(torch.equal(a, b) for a, b in zip(deinterleave(qi, si), (q, s)))
+    layer = QuantLinear.of(dequantize_weight(q, s, 4), None, 4, 32)
+    assert torch.equal(layer.state_dict()["qweight"], q) and torch.equal(layer.qweight, qi)
+    embedding, (q8, s8) = QuantEmbedding(rows, 64, 32), quantize_weight(torch.randn(rows, 64), 8, 32)
+    embedding.load_state_dict({"qweight": q8, "scales": s8})  # looked up from the interleaved rows
+    idx = torch.tensor([[rows - 1, 0, rows // 2]])
+    torch.testing.assert_close(embedding(idx), dequantize_weight(q8, s8, 8)[idx], atol=0, rtol=0)
 
 
 def test_q8_blocks_are_llama_cpp_q8_0():

@@ -78,6 +78,24 @@ def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
     return (q[..., :16] | q[..., 16:] << 4).reshape(N, K // 2), d.half()
 
 
+def interleave(q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """The layout the kernels stream (kernels/quant.c, dots8): in each complete group of 8 rows, the rows' bytes in
+    4-byte chunks, chunk c of the 8 rows side by side, and the scales of each group of inputs for the 8 rows side
+    by side; the last N % 8 rows as they are. The same bytes, in another order: a layer holds its weights so in
+    memory, and `deinterleave` gives its state dict the stored (llama.cpp) layout."""
+    n, width = q.shape[0] // 8 * 8, q.shape[1]
+    grouped = q[:n].reshape(n // 8, 8, width // 4, 4).transpose(1, 2).reshape(n, width)
+    scaled = scales[:n].reshape(n // 8, 8, scales.shape[1]).transpose(1, 2).reshape(n, scales.shape[1])
+    return torch.cat([grouped, q[n:]]), torch.cat([scaled, scales[n:]])
+
+
+def deinterleave(q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    n, width = q.shape[0] // 8 * 8, q.shape[1]
+    rows = q[:n].reshape(n // 8, width // 4, 8, 4).transpose(1, 2).reshape(n, width)
+    scaled = scales[:n].reshape(n // 8, scales.shape[1], 8).transpose(1, 2).reshape(n, scales.shape[1])
+    return torch.cat([rows, q[n:]]), torch.cat([scaled, scales[n:]])
+
+
 def dequantize_weight(q: Tensor, scales: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
     N, groups = scales.shape
     if bits == 8:
@@ -90,7 +108,8 @@ def dequantize_weight(q: Tensor, scales: Tensor, bits: int, dtype: torch.dtype =
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with quantized weights: `qweight`, `scales` and an optional fp32 `bias` in the state dict."""
+    """A linear layer with quantized weights: `qweight`, `scales` and an optional fp32 `bias` in the state dict.
+    In memory the weights are interleaved for the kernels (`interleave`); the state dict has the stored layout."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  device=None, persistent: bool = True):
@@ -107,13 +126,25 @@ class QuantLinear(nn.Module):
     @classmethod
     def of(cls, weight: Tensor, bias: Tensor | None, bits: int, group_size: int) -> QuantLinear:
         layer = cls(weight.shape[1], weight.shape[0], bias is not None, bits, group_size, device=weight.device)
-        layer.qweight, layer.scales = quantize_weight(weight, bits, group_size)
+        layer.qweight, layer.scales = interleave(*quantize_weight(weight, bits, group_size))
         if bias is not None:
             layer.bias.data = bias.detach().float().clone()
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize_weight(self.qweight, self.scales, self.bits, dtype)
+        return dequantize_weight(*deinterleave(self.qweight, self.scales), self.bits, dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "qweight" in destination:
+            destination[prefix + "qweight"], destination[prefix + "scales"] = deinterleave(self.qweight, self.scales)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        q, scales = state_dict.get(prefix + "qweight"), state_dict.get(prefix + "scales")
+        if q is not None and scales is not None and q.shape == self.qweight.shape and \
+                scales.shape == self.scales.shape:  # (other shapes: the loader's own error)
+            state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = interleave(q, scales)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda and not torch.is_grad_enabled():
@@ -145,8 +176,22 @@ class QuantEmbedding(QuantLinear):
         super().__init__(dim, vocab, False, 8, group_size, device=device)
 
     def forward(self, idx: Tensor) -> Tensor:
-        rows = self.qweight[idx].float().reshape(*idx.shape, self.scales.shape[1], -1)
-        return (rows * self.scales[idx].float()[..., None]).reshape(*idx.shape, -1).to(self.compute_dtype)
+        q, scales = self._rows(self.qweight, idx), self._rows(self.scales, idx)
+        rows = q.float().reshape(*idx.shape, scales.shape[-1], -1)
+        return (rows * scales.float()[..., None]).reshape(*idx.shape, -1).to(self.compute_dtype)
+
+    @staticmethod
+    def _rows(t: Tensor, idx: Tensor) -> Tensor:
+        """Rows `idx` of an interleaved tensor, in the stored layout."""
+        n, width = t.shape[0] // 8 * 8, t.shape[1]
+        if n == 0:
+            return t[idx]
+        chunk = 4 if t.dtype != torch.float16 else 1  # 4-byte chunks of weights; scales one by one
+        grouped = t[:n].reshape(n // 8, width // chunk, 8, chunk)
+        inside = idx < n
+        i = torch.where(inside, idx, 0)
+        rows = grouped[i // 8, :, i % 8].reshape(*idx.shape, width)
+        return torch.where(inside[..., None], rows, t[idx]) if n < t.shape[0] else rows
 
     @property
     def weight(self) -> Tensor:  # for code that reads the embedding matrix (the tied head under autograd)
@@ -198,7 +243,7 @@ def quantize(model: GPT, bits: int = 8, group_size: int = 32, skip: tuple[str, .
                                 f"{group_size}")
         w = model.wte.weight
         embedding = QuantEmbedding(*w.shape, group_size, device=w.device)
-        embedding.qweight, embedding.scales = quantize_weight(w, 8, group_size)
+        embedding.qweight, embedding.scales = interleave(*quantize_weight(w, 8, group_size))
         model.wte = embedding
     _set_head(model)
     model.quantization = scheme.to_dict()

@@ -30,6 +30,8 @@ typedef struct {
 } Layer;
 
 typedef struct {
+    Linear wte;               /* the token embedding: fp32, or int8 rows as quant.c stores them */
+    const float *wpe;         /* learned positions [context, E] or NULL */
     long n_layer, E, H, KV, D, hidden;
     long rms, act, rope, prenorm, window; /* act: 0 gelu, 1 gelu_tanh, 2 swiglu, 3 relu2 */
     float eps;
@@ -76,14 +78,28 @@ static float activation(float v, long act) {
     }
 }
 
-/* y[m] (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of the row */
+/* q . k over D values: 8 lanes at a time (a float reduction is not vectorized by the compiler on its own) */
+static inline float dot(const float *q, const float *k, long D) {
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 acc = {0};
+    long i = 0;
+    for (; i + 8 <= D; i += 8) {
+        v8 a, b;
+        memcpy(&a, q + i, sizeof a), memcpy(&b, k + i, sizeof b);
+        acc += a * b;
+    }
+    float s = 0.f;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    for (; i < D; i++) s += q[i] * k[i];
+    return s;
+}
+
+/* y (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of the row */
 static void attend(const float *q, const float *k, const float *v, long from, long to, long D, float *y) {
     float scores[to - from + 1], top = -INFINITY, total = 0.f, scale = 1.f / sqrtf((float)D);
     for (long j = from; j <= to; j++) {
-        float s = 0.f;
-        for (long i = 0; i < D; i++) s += q[i] * k[j * D + i];
-        scores[j - from] = s * scale;
-        top = fmaxf(top, s * scale);
+        scores[j - from] = dot(q, k + j * D, D) * scale;
+        top = fmaxf(top, scores[j - from]);
     }
     for (long j = 0; j <= to - from; j++) total += scores[j] = expf(scores[j] - top);
     for (long i = 0; i < D; i++) y[i] = 0.f;
@@ -137,11 +153,35 @@ static int mlp(const Plan *p, const Layer *L, const Step *s, const float *x, flo
     return linear(&L->out, s->f, y, s->M);
 }
 
-/* x [M, E]: the rows' input embeddings in, their final hidden states out. Row m's token goes to position
- * pos[m] of cache row rows[m]; kc / vc are the caches [n_layer, batch, KV, max_len, D].
+/* x = the embedding of token t: row t of the table, with int8 rows dequantized as quantize.py does. In the int8
+ * layout (quant.c) each complete group of 8 rows is interleaved in 4-byte chunks, the last N % 8 rows are not. */
+static void embed(const Linear *wte, long t, float *x) {
+    const long K = wte->K, G = wte->G;
+    if (wte->bits == 32) {
+        memcpy(x, (const float *)wte->w + t * K, sizeof(float) * K);
+        return;
+    }
+    const int8_t *q = (const int8_t *)wte->w;
+    const half *s = wte->s;
+    long r = t % 8, stride = 32, scale_stride = 8; /* chunk / scale steps within the row's group */
+    if (t < wte->N / 8 * 8) {
+        q += t / 8 * 8 * K + 4 * r, s += t / 8 * 8 * (K / G) + r;
+    } else {
+        q += t * K, s += t * (K / G), stride = 4, scale_stride = 1;
+    }
+    for (long k = 0; k < K; k++) x[k] = (float)q[k / 4 * stride + k % 4] * (float)s[k / G * scale_stride];
+}
+
+/* tokens [M]: each row's new token, at position pos[m] of cache row rows[m]; kc / vc are the caches
+ * [n_layer, batch, KV, max_len, D]; x [M, E] gets the rows' final hidden states.
  * Returns 0, or -1 when memory cannot be had. */
-int decode_step(const Plan *p, float *x, long M, const long *pos, const long *rows, float *kc, float *vc,
-                long batch, long max_len) {
+int decode_step(const Plan *p, const long *tokens, float *x, long M, const long *pos, const long *rows, float *kc,
+                float *vc, long batch, long max_len) {
+    for (long m = 0; m < M; m++) {
+        embed(&p->wte, tokens[m], x + m * p->E);
+        if (p->wpe)
+            for (long i = 0; i < p->E; i++) x[m * p->E + i] += p->wpe[pos[m] * p->E + i];
+    }
     const long E = p->E, Q = (p->H + 2 * p->KV) * p->D, F = (p->act == 2 ? 2 : 1) * p->hidden;
     float *h = malloc(sizeof(float) * M * (2 * E + Q + p->H * p->D + F));
     if (!h) return -1;

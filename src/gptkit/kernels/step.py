@@ -1,14 +1,16 @@
 """A whole decoding step in one native call (step.c): for CPU models whose every block is fp32 or quantized.
 
 `DecodeStep(model)` reads the model's tensors where they are (nothing is copied) into a plan of pointers that
-step.c walks. The plan is only used while it still describes the model: every call first checks that the same
-modules hold the same tensors at the same addresses, with no hooks, so a model changed after packing (quantized,
-wrapped with LoRA, moved, cast, hooked) takes the PyTorch path, which computes the same thing.
+step.c walks. The plan is only used while it still describes the model: before the first step on a KV cache
+(each generation's) it checks that the same modules hold the same tensors at the same addresses, with no hooks,
+so a model changed after packing (quantized, wrapped with LoRA, moved, cast, hooked) takes the PyTorch path,
+which computes the same thing. (Checking every step cost more than the rest of the Python around a step.)
 """
 
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +34,7 @@ class _Layer(ctypes.Structure):
 
 
 class _Plan(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "rms", "act", "rope",
+    _fields_ = [("wte", _Linear), ("wpe", _ptr)] + [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "rms", "act", "rope",
                                                     "prenorm", "window")] + \
                [("eps", ctypes.c_float)] + [(name, _ptr) for name in ("cos", "sin", "nfw", "nfb", "layers")]
 
@@ -46,25 +48,27 @@ class DecodeStep:
         self.model = model
         self.watched: list[tuple] = []  # (dict, key, object, address): what the plan read, and where
         self.plan = self._plan()
+        self.checked = None  # the cache buffer that the model was last checked for (a weak reference)
 
     def __call__(self, idx: Tensor, cache) -> Tensor | None:
         """Final hidden states [B, 1, n_embd] for one new token a row, or None where this does not apply."""
         model, lib = self.model, _library()
         B = idx.shape[0]
         if (self.plan is None or lib is None or idx.shape[1] != 1 or not 0 < B <= MAX_ROWS or model.training
-                or cache.k.dtype != torch.float32 or not cache.k.is_contiguous() or not self._current()):
+                or cache.k.dtype != torch.float32 or not cache.k.is_contiguous()):
             return None
+        if self.checked is None or self.checked() is not cache.k:
+            if not self._current():
+                return None
+            self.checked = weakref.ref(cache.k)
         lengths = cache.row_lengths()
-        if max(lengths) + 1 > model.config.context:
+        if max(lengths) + 1 > model.config.context or not 0 <= int(idx.min()) <= int(idx.max()) < model.config.vocab_size:
             return None  # the PyTorch path raises the error
-        pos = torch.tensor(lengths)
-        x = model.wte(idx)
-        if model.wpe is not None:
-            x = x + model.wpe(pos[:, None])
-        x = x.float().contiguous()
+        tokens, pos = idx.reshape(B).to(torch.long).contiguous(), torch.tensor(lengths)
         rows = torch.arange(*cache.window.indices(cache.batch))
-        failed = lib.decode_step(ctypes.byref(self.plan), x.data_ptr(), B, pos.data_ptr(), rows.data_ptr(),
-                                 cache.k.data_ptr(), cache.v.data_ptr(), cache.batch, cache.max_len)
+        x = torch.empty(B, 1, model.config.n_embd)
+        failed = lib.decode_step(ctypes.byref(self.plan), tokens.data_ptr(), x.data_ptr(), B, pos.data_ptr(),
+                                 rows.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.batch, cache.max_len)
         return None if failed else x
 
     def _current(self) -> bool:
@@ -90,7 +94,8 @@ class DecodeStep:
             return None
         self.layers = (_Layer * len(layers))(*layers)  # kept alive with the plan
         cos, sin = (self._tensor(model, n) for n in ("rope_cos", "rope_sin")) if c.pos == "rope" else (0, 0)
-        return _Plan(c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden, c.norm == "rmsnorm",
+        wpe = self._tensor(self._module(model._modules, "wpe"), "weight") if model.wpe is not None else None
+        return _Plan(self._embedding(model), wpe, c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden, c.norm == "rmsnorm",
                      ACTIVATIONS[c.activation], c.pos == "rope", c.prenorm, c.window or 0, c.norm_eps, cos, sin,
                      nfw, nfb, ctypes.cast(self.layers, _ptr))
 
@@ -106,6 +111,17 @@ class DecodeStep:
         return _Layer(*self._norm(block, "norm1", c), *self._norm(block, "norm2", c), qn, kn,
                       self._linear(attn, "qkv"), self._linear(attn, "proj"), self._linear(mlp, "fc"),
                       self._linear(mlp, "proj"), i in c.local_layers)
+
+    def _embedding(self, model) -> _Linear:
+        from ..quantize import QuantEmbedding
+
+        wte = self._module(model._modules, "wte")
+        if isinstance(wte, QuantEmbedding) and wte.compute_dtype == torch.float32:
+            q, s = self._tensor(wte, "qweight"), self._tensor(wte, "scales")
+            return _Linear(q, s, None, wte.out_features, wte.in_features, wte.group_size, 8)
+        if type(wte) is nn.Embedding:
+            return _Linear(self._tensor(wte, "weight"), None, None, *wte.weight.shape, 0, 32)
+        raise Unsupported
 
     def _norm(self, owner, name: str, c) -> tuple[int, int | None]:
         norm = self._module(owner._modules, name)
