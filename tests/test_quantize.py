@@ -52,18 +52,35 @@ def test_quantized_kernel_equals_dequantize_then_linear(kernel_path, bits, rows,
 
 
 @pytest.mark.parametrize("rows", [8, 13, 5])
-def test_layers_hold_their_blocks_interleaved_and_save_them_as_stored(rows):
+def test_layers_hold_their_blocks_interleaved(rows):
     q, s = quantize_weight(torch.randn(rows, 64), 4, 32)
     qi, si = interleave(q, s)
     if rows >= 8:  # chunk 1 (bytes 4-7) of row 0 comes right after chunk 0 of rows 0-7
         assert torch.equal(qi.flatten()[32:36], q[0, 4:8]) and torch.equal(si[0, :2], s[:2, 0])
     assert all(torch.equal(a, b) for a, b in zip(deinterleave(qi, si), (q, s)))
     layer = QuantLinear.of(dequantize_weight(q, s, 4), None, 4, 32)
-    assert torch.equal(layer.state_dict()["qweight"], q) and torch.equal(layer.qweight, qi)
+    assert torch.equal(layer.state_dict()["qweight"], qi)
+    torch.testing.assert_close(layer.dequantize(), dequantize_weight(q, s, 4), atol=0, rtol=0)
     embedding, (q8, s8) = QuantEmbedding(rows, 64, 32), quantize_weight(torch.randn(rows, 64), 8, 32)
-    embedding.load_state_dict({"qweight": q8, "scales": s8})  # looked up from the interleaved rows
-    idx = torch.tensor([[rows - 1, 0, rows // 2]])
+    embedding.load_state_dict(dict(zip(("qweight", "scales"), interleave(q8, s8))))
+    idx = torch.tensor([[rows - 1, 0, rows // 2]])  # looked up from the interleaved rows
     torch.testing.assert_close(embedding(idx), dequantize_weight(q8, s8, 8)[idx], atol=0, rtol=0)
+
+
+def test_a_checkpoint_with_rows_in_order_still_loads(tiny_ckpt, tmp_path):
+    """Quantized checkpoints written before the interleaved layout (no `layout` in their record)."""
+    model = quantize(checkpoint.load_model(tiny_ckpt), bits=4)
+    checkpoint.save(tmp_path / "q", model, checkpoint.load_tokenizer(tiny_ckpt))
+    weights, config = tmp_path / "q" / checkpoint.WEIGHTS_FILE, tmp_path / "q" / checkpoint.CONFIG_FILE
+    tensors = load_file(weights)
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        tensors[key], tensors[key[:-7] + "scales"] = deinterleave(tensors[key], tensors[key[:-7] + "scales"])
+    save_file(tensors, weights)
+    record = json.loads(config.read_text())
+    del record["quantization"]["layout"]
+    config.write_text(json.dumps(record))
+    old = checkpoint.load_model(tmp_path / "q")
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), model.state_dict().values()))
 
 
 def test_q8_blocks_are_llama_cpp_q8_0():

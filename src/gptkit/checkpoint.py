@@ -196,6 +196,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
         except quantize.QuantizeError as e:
             raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
     check_state(model, state, path)
+    if record:
+        state = quantize.arrange(state, record)
     model.load_state_dict(state, assign=True)
     if record:
         try:

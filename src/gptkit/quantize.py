@@ -20,6 +20,7 @@ from . import kernels
 from .model import GPT
 
 BLOCK = 32  # the integers' packing unit; a group is a whole number of blocks
+LAYOUTS = ("rows8", "rows")
 
 
 class QuantizeError(ValueError):
@@ -34,8 +35,11 @@ class Scheme:
     group_size: int = 32  # inputs sharing one scale
     embedding_bits: int | None = 8  # the token embedding (the tied LM head too); None: kept in floating point
     skip: tuple[str, ...] = ()  # module names kept in floating point (e.g. lm_head, wte, blocks.0.attn.qkv)
+    layout: str = "rows8"  # in the file and in memory: "rows8" (`interleave`), or "rows" (each row's blocks in order)
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise QuantizeError(f"unknown weight layout {self.layout!r}; gptkit knows {', '.join(LAYOUTS)}")
         if self.bits not in (4, 8):
             raise QuantizeError(f"--bits must be 8 or 4, got {self.bits}")
         if self.embedding_bits not in (8, None):
@@ -49,7 +53,7 @@ class Scheme:
     @classmethod
     def from_dict(cls, d: dict) -> Scheme:
         try:
-            return cls(**{**d, "skip": tuple(d.get("skip", ()))})
+            return cls(**{"layout": "rows", **d, "skip": tuple(d.get("skip", ()))})  # (no layout: written before rows8)
         except TypeError as e:
             raise QuantizeError(f"invalid quantization record: {e}") from None
 
@@ -79,10 +83,11 @@ def quantize_weight(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
 
 
 def interleave(q: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """The layout the kernels stream (kernels/quant.c, dots8): in each complete group of 8 rows, the rows' bytes in
-    4-byte chunks, chunk c of the 8 rows side by side, and the scales of each group of inputs for the 8 rows side
-    by side; the last N % 8 rows as they are. The same bytes, in another order: a layer holds its weights so in
-    memory, and `deinterleave` gives its state dict the stored (llama.cpp) layout."""
+    """The layout the kernels stream ("rows8"; kernels/quant.c, dots8): in each complete group of 8 rows, the rows'
+    bytes in 4-byte chunks, chunk c of the 8 rows side by side, and the scales of each group of inputs for the 8
+    rows side by side; the last N % 8 rows as they are. The same blocks as llama.cpp's, in another order (as its
+    own CPU backend repacks Q4_0 for AVX2). Layers hold their weights so, in memory and in the file, so loading
+    a checkpoint maps it and copies nothing."""
     n, width = q.shape[0] // 8 * 8, q.shape[1]
     grouped = q[:n].reshape(n // 8, 8, width // 4, 4).transpose(1, 2).reshape(n, width)
     scaled = scales[:n].reshape(n // 8, 8, scales.shape[1]).transpose(1, 2).reshape(n, scales.shape[1])
@@ -108,8 +113,8 @@ def dequantize_weight(q: Tensor, scales: Tensor, bits: int, dtype: torch.dtype =
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with quantized weights: `qweight`, `scales` and an optional fp32 `bias` in the state dict.
-    In memory the weights are interleaved for the kernels (`interleave`); the state dict has the stored layout."""
+    """A linear layer with quantized weights: `qweight`, `scales` (interleaved: `interleave`) and an optional
+    fp32 `bias` in the state dict."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
                  device=None, persistent: bool = True):
@@ -133,18 +138,6 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_weight(*deinterleave(self.qweight, self.scales), self.bits, dtype)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if prefix + "qweight" in destination:
-            destination[prefix + "qweight"], destination[prefix + "scales"] = deinterleave(self.qweight, self.scales)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        q, scales = state_dict.get(prefix + "qweight"), state_dict.get(prefix + "scales")
-        if q is not None and scales is not None and q.shape == self.qweight.shape and \
-                scales.shape == self.scales.shape:  # (other shapes: the loader's own error)
-            state_dict[prefix + "qweight"], state_dict[prefix + "scales"] = interleave(q, scales)
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda and not torch.is_grad_enabled():
@@ -182,7 +175,7 @@ class QuantEmbedding(QuantLinear):
 
     @staticmethod
     def _rows(t: Tensor, idx: Tensor) -> Tensor:
-        """Rows `idx` of an interleaved tensor, in the stored layout."""
+        """Rows `idx` of an interleaved tensor, each in its own order."""
         n, width = t.shape[0] // 8 * 8, t.shape[1]
         if n == 0:
             return t[idx]
@@ -250,6 +243,15 @@ def quantize(model: GPT, bits: int = 8, group_size: int = 32, skip: tuple[str, .
     return model
 
 
+def arrange(state: dict[str, Tensor], record: dict) -> dict[str, Tensor]:
+    """A quantized checkpoint's tensors in the layout its layers hold: files written before the interleaved layout
+    ("rows") are interleaved here, the current ones are already so."""
+    if Scheme.from_dict(record).layout == "rows":
+        for key in [k for k in state if k.endswith(".qweight") and k[:-7] + "scales" in state]:
+            state[key], state[key[:-7] + "scales"] = interleave(state[key], state[key[:-7] + "scales"])
+    return state
+
+
 def skeleton(model: GPT, record: dict) -> GPT:
     """Swap empty quantized modules into a (meta-device) model built from its config, so a quantized state
     dict loads into it with `assign=True`: the floating-point weights never exist."""
@@ -261,7 +263,7 @@ def skeleton(model: GPT, record: dict) -> GPT:
                                               device=layer.weight.device))
     if scheme.embedding_bits and not scheme.skips("wte"):
         model.wte = QuantEmbedding(*model.wte.weight.shape, scheme.group_size, device=model.wte.weight.device)
-    model.quantization = scheme.to_dict()
+    model.quantization = {**scheme.to_dict(), "layout": "rows8"}  # (`arrange` brings older files to it)
     return model
 
 
