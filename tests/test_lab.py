@@ -82,3 +82,11 @@ def test_the_scaling_lab_fits_and_predicts(data, tmp_path, capsys):
 def test_a_lab_needs_one_budget(tmp_path, capsys):
     assert main(["lab", "evolution", "--out", str(tmp_path / "x")]) == 1
     assert "--budget SECONDS or --tokens N" in capsys.readouterr().err
+
+
+def test_the_scaling_grid_has_one_model_per_size_within_5_percent():
+    from gptkit.lab.scaling import grid_config
+
+    sizes = [1e5, 2e5, 4e5, 8e5, 1.6e6, 3.2e6]
+    counts = [body_params(grid_config(512, 64, n)) for n in sizes]
+    assert all(abs(c / n - 1) < 0.05 for c, n in zip(counts, sizes)), counts

@@ -25,11 +25,18 @@ class LabError(ValueError):
 
 def shape(params: float) -> dict:
     """Depth, width and heads of a GPT-2-shaped model with about `params` non-embedding parameters
-    (12 x layers x width², depth growing with width as in GPT-2's family)."""
+    (12 x layers x width²): widths in steps of 64 with heads of 32 (an even count, for grouped-query attention),
+    at least 2 layers and 16 to 128 of width per layer (GPT-2's family has 64), the closest to `params`;
+    `match_width` then hits it exactly through the MLP."""
     if params <= 0:
         raise LabError(f"a parameter budget must be positive, got {params}")
-    width = max(64, round((params * 64 / 12) ** (1 / 3) / 64) * 64)
-    return {"n_layer": max(2, width // 64), "n_embd": width, "n_head": max(1, width // 64)}
+    candidates = []  # (size error, shape's distance from GPT-2's, layers, width)
+    for width in range(64, 8193, 64):
+        layers = max(2, round(params / (12 * width * width)))
+        if 16 <= width / layers <= 128:
+            candidates.append((abs(12 * layers * width * width / params - 1), abs(width / layers - 64), layers, width))
+    _, _, layers, width = min(candidates, default=(0, 0, 2, 64))
+    return {"n_layer": layers, "n_embd": width, "n_head": width // 32}
 
 
 def body_params(config: GPTConfig) -> int:

@@ -14,7 +14,9 @@ import numpy as np
 
 from ..config import GPTConfig
 from ..tokenizer import Tokenizer
-from .runs import LabError, Run, body_params, run, shape
+from .runs import LabError, Run, body_params, match_width, run, shape
+
+RECIPE = {"lr": 3e-3, "warmup_steps": 20, "batch_size": 16, "schedule": "wsd"}  # every run of the grid: its own full schedule
 
 
 @dataclass(frozen=True)
@@ -63,16 +65,20 @@ def fit(N, D, L, delta: float = 1e-3) -> Fit:
     return Fit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
 
 
+def grid_config(vocab: int, context: int, params: float) -> GPTConfig:
+    """A grid point's model: GPT-2's shape for `params`, its MLP width set to hit `params` exactly."""
+    return match_width(GPTConfig(vocab_size=vocab, context=context, **shape(params)), params)
+
+
 def scaling(data: str, out: Path, sizes: list[float], tokens: list[int], context: int = 256, seed: int = 0,
             say=print) -> Fit:
     """Train every size x token budget (resumable), fit the law, write `fit.json` and `scaling.png`."""
     vocab = Tokenizer.load(Path(data)).vocab_size
     points = []
     for params, budget in itertools.product(sizes, tokens):
-        config = GPTConfig(vocab_size=vocab, context=context, **shape(params))
-        result = run(Run(f"n{body_params(config)}-d{budget}", config,
-                         {"lr": 3e-3, "warmup_steps": 20, "batch_size": 16, "schedule": "wsd"}),
-                     Path(out), data, {"max_tokens": budget}, seed)
+        config = grid_config(vocab, context, params)
+        result = run(Run(f"n{body_params(config)}-d{budget}", config, RECIPE), Path(out), data, {"max_tokens": budget},
+                     seed)
         say(f"N = {result['params']:,}, D = {result['tokens']:,}: val loss {result['val_loss']:.4f}")
         points.append((result["params"], result["tokens"], result["val_loss"]))
     law = fit(*zip(*points))
