@@ -26,16 +26,18 @@ class LabError(ValueError):
 def shape(params: float) -> dict:
     """Depth, width and heads of a GPT-2-shaped model with about `params` non-embedding parameters
     (12 x layers x width²): widths in steps of 64 with heads of 32 (an even count, for grouped-query attention),
-    at least 2 layers and 16 to 128 of width per layer (GPT-2's family has 64), the closest to `params`;
-    `match_width` then hits it exactly through the MLP."""
+    at least 2 layers and 16 to 128 of width per layer; of those within 25% of `params`, the closest to GPT-2's
+    64 of width per layer (deep narrow models train slowly in short runs); `match_width` then hits `params`
+    exactly through the MLP."""
     if params <= 0:
         raise LabError(f"a parameter budget must be positive, got {params}")
-    candidates = []  # (size error, shape's distance from GPT-2's, layers, width)
+    candidates = []  # (off by more than 25%, shape's distance from GPT-2's, size error, layers, width)
     for width in range(64, 8193, 64):
         layers = max(2, round(params / (12 * width * width)))
+        error = abs(12 * layers * width * width / params - 1)
         if 16 <= width / layers <= 128:
-            candidates.append((abs(12 * layers * width * width / params - 1), abs(width / layers - 64), layers, width))
-    _, _, layers, width = min(candidates, default=(0, 0, 2, 64))
+            candidates.append((error > 0.25, abs(width / layers - 64), error, layers, width))
+    *_, layers, width = min(candidates, default=(0, 0, 0, 2, 64))
     return {"n_layer": layers, "n_embd": width, "n_head": width // 32}
 
 
