@@ -1,7 +1,7 @@
 """The labs as benchmarks: the evolution table, and a scaling-law fit checked against a larger run it predicts.
 
     python benchmarks/lab.py evolution [--data DIR] [--budget 600] [--params 2e6] --out DIR
-    python benchmarks/lab.py scaling [--data DIR] [--sizes 2e5,5e5,1e6] [--tokens 1e6,2e6,4e6] --out DIR
+    python benchmarks/lab.py scaling [--data DIR] [--sizes 2e5,4e5,8e5,1.6e6] [--tokens 1.6e5,3.2e5,6.4e5] --out DIR
 
 `--data`: a prepared data directory (`gptkit prepare`), e.g. tiny shakespeare; default: the embedded corpus.
 Both are resumable (rerun the same command: finished runs are read back, a stopped one continues).
@@ -77,8 +77,9 @@ def main():
     ap.add_argument("--budget", type=float, default=600, help="evolution: seconds a run")
     ap.add_argument("--params", type=float, default=2e6, help="evolution: non-embedding parameters a model")
     ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--sizes", default="2e5,5e5,1e6", help="scaling: non-embedding parameter counts")
-    ap.add_argument("--tokens", default="1e6,2e6,4e6", help="scaling: token budgets")
+    ap.add_argument("--sizes", default="2e5,4e5,8e5,1.6e6", help="scaling: non-embedding parameter counts")
+    ap.add_argument("--tokens", default="1.6e5,3.2e5,6.4e5", help="scaling: token budgets (the predicted run has "
+                    "twice the largest: keep it within one pass over the data)")
     ap.add_argument("--context", type=int, default=256)
     args = ap.parse_args()
     data = args.data or str(default_data_dir())
