@@ -102,3 +102,15 @@ def test_a_model_in_training_mode_or_with_gradients_takes_the_pytorch_path():
     model.train()
     with torch.inference_mode():
         assert model.inference_step(torch.tensor([[1]]), cache) is None
+
+
+def test_a_model_with_parts_it_does_not_compute_keeps_the_pytorch_path():
+    from gptkit.finetune import apply_lora
+
+    model = model_for("gpt2")
+    apply_lora(model, ("qkv",), rank=2, alpha=4)  # a LoRA layer is not one of the plan's linears
+    prompts = torch.randint(0, model.config.vocab_size, (1, 6))
+    reference = decode(copy.deepcopy(model), prompts, [6], 3)
+    packed = pack_for_cpu_inference(model)
+    assert packed.inference_step is None
+    torch.testing.assert_close(decode(packed, prompts, [6], 3), reference, atol=2e-5, rtol=1e-4)

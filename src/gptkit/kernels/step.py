@@ -34,7 +34,8 @@ class _Layer(ctypes.Structure):
 
 
 class _Plan(ctypes.Structure):
-    _fields_ = [("wte", _Linear), ("wpe", _ptr)] + [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "rms", "act", "rope",
+    _fields_ = [("wte", _Linear), ("wpe", _ptr)] + \
+               [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "rms", "act", "rope",
                                                     "prenorm", "window")] + \
                [("eps", ctypes.c_float)] + [(name, _ptr) for name in ("cos", "sin", "nfw", "nfb", "layers")]
 
@@ -61,8 +62,8 @@ class DecodeStep:
             if not self._current():
                 return None
             self.checked = weakref.ref(cache.k)
-        lengths = cache.row_lengths()
-        if max(lengths) + 1 > model.config.context or not 0 <= int(idx.min()) <= int(idx.max()) < model.config.vocab_size:
+        lengths, c = cache.row_lengths(), model.config
+        if max(lengths) + 1 > c.context or not 0 <= int(idx.min()) <= int(idx.max()) < c.vocab_size:
             return None  # the PyTorch path raises the error
         tokens, pos = idx.reshape(B).to(torch.long).contiguous(), torch.tensor(lengths)
         rows = torch.arange(*cache.window.indices(cache.batch))
@@ -88,14 +89,15 @@ class DecodeStep:
         try:
             if model.device.type != "cpu" or model.dtype != torch.float32:
                 raise Unsupported
+            wte = self._embedding(model)
+            wpe = self._tensor(self._module(model._modules, "wpe"), "weight") if model.wpe is not None else None
             layers = [self._layer(model, i, block) for i, block in enumerate(model.blocks)]
             nfw, nfb = self._norm(model, "norm_f", c) if model.norm_f is not None else (None, None)
+            cos, sin = (self._tensor(model, n) for n in ("rope_cos", "rope_sin")) if c.pos == "rope" else (0, 0)
         except Unsupported:
             return None
         self.layers = (_Layer * len(layers))(*layers)  # kept alive with the plan
-        cos, sin = (self._tensor(model, n) for n in ("rope_cos", "rope_sin")) if c.pos == "rope" else (0, 0)
-        wpe = self._tensor(self._module(model._modules, "wpe"), "weight") if model.wpe is not None else None
-        return _Plan(self._embedding(model), wpe, c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden, c.norm == "rmsnorm",
+        return _Plan(wte, wpe, c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden, c.norm == "rmsnorm",
                      ACTIVATIONS[c.activation], c.pos == "rope", c.prenorm, c.window or 0, c.norm_eps, cos, sin,
                      nfw, nfb, ctypes.cast(self.layers, _ptr))
 
@@ -134,6 +136,8 @@ class DecodeStep:
         from ..quantize import QuantLinear
 
         layer = self._module(owner._modules, name)
+        if not isinstance(layer, (QuantLinear, PackedLinear, nn.Linear)):
+            raise Unsupported
         bias = self._tensor(layer, "bias") if layer.bias is not None else None
         if isinstance(layer, QuantLinear) and layer.compute_dtype == torch.float32:
             q, s = self._tensor(layer, "qweight"), self._tensor(layer, "scales")
