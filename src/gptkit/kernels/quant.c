@@ -6,7 +6,8 @@
  * 0.56 for int4 against 4 for fp32. Each thread streams its own groups of 8 W rows once (stored interleaved:
  * dots8) and multiplies each block into all M rows of x (which stay in L1/L2).
  * With AVX2, as llama.cpp does, the x rows are first quantized to int8 blocks of 32 (one scale each) and a
- * block's 32 products are summed in integers: about 8 instructions a block and row, where widening the
+ * block's 32 products are summed in integers (dots8 for the groups of 8 rows; dots, one row at a time, for the
+ * last N % 8 rows: about 8 instructions a block and row), where widening the
  * weights to fp32 took 25 and could not keep up with memory (measured on a Zen 3 EPYC: int4 reached 7.5 GB/s
  * that way). Elsewhere, plain C on fp32 activations (the same numbers as dequantize-then-matmul). */
 #include <math.h>

@@ -15,10 +15,9 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-from . import _library
+from . import QUANT_MAX_ROWS, _library
 from .packed import PackedLinear
 
-MAX_ROWS = 32  # the quantized kernels' limit; more rows run through PyTorch
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "swiglu": 2, "relu2": 3}
 _ptr = ctypes.c_void_p
 
@@ -55,7 +54,7 @@ class DecodeStep:
         """Final hidden states [B, 1, n_embd] for one new token a row, or None where this does not apply."""
         model, lib = self.model, _library()
         B = idx.shape[0]
-        if (self.plan is None or lib is None or idx.shape[1] != 1 or not 0 < B <= MAX_ROWS or model.training
+        if (self.plan is None or lib is None or idx.shape[1] != 1 or not 0 < B <= QUANT_MAX_ROWS or model.training
                 or cache.k.dtype != torch.float32 or not cache.k.is_contiguous()):
             return None
         if self.checked is None or self.checked() is not cache.k:
