@@ -101,16 +101,21 @@ def write_table(results: list[dict], path: Path, tokenizer: Tokenizer, data: str
 
 
 def plot(results: list[dict], png: Path) -> None:
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     by_tokens, by_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    # one colour per configuration along the ladder (a cycle of 10 would repeat one), seeds share it
+    names = list(dict.fromkeys(r["name"] for r in results))
+    colour = {name: colormaps["turbo"](i / max(1, len(names) - 1)) for i, name in enumerate(names)}
     for r in results:
         label = r["name"] + (f" (seed {r['seed']})" if r["seed"] else "")
-        by_tokens.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], label=label, lw=1)
-        by_time.plot([p["elapsed_s"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], label=label, lw=1)
+        style = dict(label=label, lw=1, color=colour[r["name"]], ls="--" if r["seed"] else "-")
+        by_tokens.plot([p["tokens"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], **style)
+        by_time.plot([p["elapsed_s"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]], **style)
     for ax, x in ((by_tokens, "tokens"), (by_time, "seconds")):
         ax.set_xlabel(x)
         ax.set_ylabel("validation loss")
