@@ -6,9 +6,10 @@
 A teacher: `--checkpoint DIR --data DIR` (a trained gptkit checkpoint and its prepared data directory), or a modern
 6-layer, 256-wide model pre-trained here for `--train-seconds` on the embedded corpus. Then, on the data's val
 split (never tuned on; calibration windows come from the train split):
-- magnitude vs Wanda at 50% unstructured and at 2:4 (128 calibration windows of 256 tokens);
-- structured: 25% of the MLP channels dropped (calibrated), and its decode speed against the dense model's
-  (batch 1, 128 new tokens, best of 5 interleaved runs);
+- magnitude vs Wanda at 50% and 70% unstructured and at 2:4 (128 calibration windows of 256 tokens);
+- structured: 25% of the MLP channels dropped, and 25% of both the attention heads and the MLP channels (calibrated;
+  the teacher has 4 key/value heads so that a quarter of them can go), and their decode speed against the dense
+  model's (batch 1, 128 new tokens, best of 5 interleaved runs);
 - a half-depth student distilled from the teacher (DistilGPT2's recipe: every other block, KL at T = 2 + LM
   loss) against the same student trained alone for the same `--student-steps`, beside the teacher.
 `--speed-only`: the structured row's decode speed alone, in minutes: the checkpoint's shape (default: the teacher's)
@@ -30,7 +31,7 @@ from gptkit.engine import generate_tokens
 from gptkit.generate import SamplingParams
 from gptkit.train import load_recipe, train
 
-MODEL = ["model.n_layer=6", "model.n_embd=256", "model.n_head=4", "model.n_kv_head=2", "model.mlp_hidden=704"]
+MODEL = ["model.n_layer=6", "model.n_embd=256", "model.n_head=4", "model.n_kv_head=4", "model.mlp_hidden=704"]
 RUN = ["block_size=256", "batch_size=16", "lr=3e-3", "warmup_steps=50", "eval_interval=100000"]
 
 
@@ -114,6 +115,8 @@ def main():
         rows = [("dense", dense, "")]
         for label, spec in [("magnitude 50%", prune.PruneSpec("magnitude", sparsity=0.5)),
                             ("Wanda 50%", prune.PruneSpec("wanda", sparsity=0.5)),
+                            ("magnitude 70%", prune.PruneSpec("magnitude", sparsity=0.7)),
+                            ("Wanda 70%", prune.PruneSpec("wanda", sparsity=0.7)),
                             ("magnitude 2:4", prune.PruneSpec("magnitude", pattern=(2, 4))),
                             ("Wanda 2:4", prune.PruneSpec("wanda", pattern=(2, 4)))]:
             pruned = checkpoint.load_model(teacher)
@@ -121,12 +124,16 @@ def main():
             out = root / label.replace(" ", "-").replace("%", "").replace(":", "-")
             checkpoint.save(out, pruned, tokenizer)
             rows.append((label, perplexity(out, data), f"{prune.sparsity(pruned):.0%} zeros"))
-        small = prune.prune_channels(checkpoint.load_model(teacher), 0.75, calibration)
-        checkpoint.save(root / "channels", small, tokenizer)
-        rates = decode_rate({"dense": teacher, "channels": root / "channels"})
-        rows.append(("channels -25%", perplexity(root / "channels", data),
-                     f"{small.num_params() / model.num_params():.0%} of the parameters; decode "
-                     f"{rates['channels'] / rates['dense']:.2f}x ({rates['channels']:.0f} vs {rates['dense']:.0f} tok/s)"))
+        structured = {"channels -25%": prune.prune_channels(checkpoint.load_model(teacher), 0.75, calibration)}
+        if model.config.kv_heads >= 4:
+            structured["heads and channels -25%"] = prune.prune_heads(structured["channels -25%"], 0.75, calibration)
+        for label, small in structured.items():
+            checkpoint.save(root / label.replace(" ", "-"), small, tokenizer)
+        rates = decode_rate({"dense": teacher, **{label: root / label.replace(" ", "-") for label in structured}})
+        for label, small in structured.items():
+            rows.append((label, perplexity(root / label.replace(" ", "-"), data),
+                         f"{small.num_params() / model.num_params():.0%} of the parameters; decode "
+                         f"{rates[label] / rates['dense']:.2f}x ({rates[label]:.0f} vs {rates['dense']:.0f} tok/s)"))
 
         # the student: the teacher's config at half depth, trained alone and distilled for the same steps
         half, student_run = [f"model.n_layer={model.config.n_layer // 2}"], [*RUN, "seed=7"]

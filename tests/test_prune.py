@@ -8,7 +8,7 @@ import torch
 
 from gptkit import GPT, checkpoint, preset
 from gptkit.cli import main
-from gptkit.prune import PruneSpec, block_linears, prune, prune_channels, row_mask
+from gptkit.prune import PruneSpec, block_linears, input_norms, prune, prune_channels, row_mask
 
 
 def tiny(**changes):
@@ -59,6 +59,18 @@ def test_wanda_reads_activations_through_the_model():
     prune(b, PruneSpec("wanda", sparsity=0.5), batches())
     wa, wb = a.blocks[0].mlp.proj.weight, b.blocks[0].mlp.proj.weight
     assert (wb[:, 7] != 0).all() and not (wa[:, 7] != 0).all()
+
+
+def test_wanda_calibrates_each_block_on_what_the_pruned_blocks_before_it_pass_on():
+    model, first_only = tiny(), tiny()
+    masks = prune(model, PruneSpec("wanda", sparsity=0.5), batches())
+    with torch.no_grad():  # block 0 pruned as Wanda pruned it, the rest still dense
+        for name in masks:
+            if name.startswith("blocks.0."):
+                first_only.get_submodule(name).weight.mul_(masks[name])
+    norms = input_norms(first_only, batches(), ["blocks.1.mlp.fc"])["blocks.1.mlp.fc"]
+    weight = tiny().blocks[1].mlp.fc.weight.abs()
+    assert torch.equal(masks["blocks.1.mlp.fc"], row_mask(weight * norms, PruneSpec("wanda", sparsity=0.5), "x"))
 
 
 @pytest.mark.parametrize("preset_name, changes", [("tiny-gpt2", {}), ("tiny-modern", {})])

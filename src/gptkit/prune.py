@@ -2,7 +2,8 @@
 or MLP channels.
 
 - `magnitude`: importance |W|.  `wanda` (Sun et al. 2023): |W| x the L2 norm of the layer's input feature over
-  calibration tokens, so a small weight on a large activation survives. Both compared within each output row,
+  calibration tokens, so a small weight on a large activation survives; block by block, each calibrated on the
+  activations that the blocks before it, already pruned, pass on. Both compared within each output row,
   either to a fraction of the row (`sparsity`) or as N:M (keep N of every M consecutive inputs: 2:4, 4:8).
 - `heads`, `channels`: structured; attention heads (whole key/value groups) or each MLP's hidden channels
   ranked by their weight norms (x activation norm with calibration), the least important dropped from every
@@ -135,20 +136,25 @@ def prune(model: GPT, spec: PruneSpec, calibration: list[Tensor] | None = None) 
     """Zero the pruned weights of every linear of the blocks in place; returns the masks (True = kept)."""
     if spec.method in STRUCTURED:
         raise PruneError(f"{spec.method} pruning makes a new model: use prune_{spec.method}")
+    if spec.method == "wanda" and not calibration:
+        raise PruneError("wanda needs calibration text (--calib FILE)")
     layers = block_linears(model)
-    norms = None
-    if spec.method == "wanda":
-        if not calibration:
-            raise PruneError("wanda needs calibration text (--calib FILE)")
-        norms = input_norms(model, calibration, list(layers))
+    if spec.pattern is not None:  # every layer checked before any weight changes
+        for name, layer in layers.items():
+            if layer.weight.shape[1] % spec.pattern[1]:
+                raise PruneError(f"{name}: its {layer.weight.shape[1]} inputs are not a multiple of M = {spec.pattern[1]}")
     masks = {}
-    for name, layer in layers.items():
-        score = layer.weight.detach().abs().float()
-        if norms is not None:
-            score = score * norms[name][None, :]
-        masks[name] = row_mask(score, spec, name)
-    for name, layer in layers.items():
-        layer.weight.mul_(masks[name])
+    for i in range(len(model.blocks)):
+        names = [f"blocks.{i}.{name}" for name in LINEARS]
+        # as in Wanda's own code: a block is calibrated on what the blocks before it, already pruned, pass on
+        norms = input_norms(model, calibration, names) if spec.method == "wanda" else {}
+        for name in names:
+            score = layers[name].weight.detach().abs().float()
+            if name in norms:
+                score = score * norms[name][None, :]
+            masks[name] = row_mask(score, spec, name)
+        for name in names:
+            layers[name].weight.mul_(masks[name])
     return masks
 
 

@@ -67,7 +67,7 @@ def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: in
             say(f"{lab_run.name} (seed {seed}): val loss {result['val_loss']:.4f}, {result['tokens']:,} tokens, "
                 f"{result['tokens_per_s']:,.0f} tokens/s")
             results.append(result)
-    write_table(results, Path(out) / "table.md", Tokenizer.load(Path(data)), data)
+    write_table(results, Path(out) / "table.md", data)
     plot(results, Path(out) / "evolution.png")
     return results
 
@@ -80,7 +80,7 @@ def _chars_per_token(data: str) -> float:
     return meta["chars"] / tokens if tokens else math.nan
 
 
-def write_table(results: list[dict], path: Path, tokenizer: Tokenizer, data: str) -> str:
+def write_table(results: list[dict], path: Path, data: str) -> str:
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
