@@ -127,11 +127,12 @@ def main():
         structured = {"channels -25%": prune.prune_channels(checkpoint.load_model(teacher), 0.75, calibration)}
         if model.config.kv_heads >= 4:
             structured["heads and channels -25%"] = prune.prune_heads(structured["channels -25%"], 0.75, calibration)
+        paths = {label: root / label.replace(" ", "-") for label in structured}
         for label, small in structured.items():
-            checkpoint.save(root / label.replace(" ", "-"), small, tokenizer)
-        rates = decode_rate({"dense": teacher, **{label: root / label.replace(" ", "-") for label in structured}})
+            checkpoint.save(paths[label], small, tokenizer)
+        rates = decode_rate({"dense": teacher, **paths})
         for label, small in structured.items():
-            rows.append((label, perplexity(root / label.replace(" ", "-"), data),
+            rows.append((label, perplexity(paths[label], data),
                          f"{small.num_params() / model.num_params():.0%} of the parameters; decode "
                          f"{rates[label] / rates['dense']:.2f}x ({rates[label]:.0f} vs {rates['dense']:.0f} tok/s)"))
 

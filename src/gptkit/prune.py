@@ -116,13 +116,17 @@ def input_norms(model: GPT, batches: list[Tensor], names: list[str]) -> dict[str
     return {name: s.sqrt() for name, s in sums.items()}
 
 
+def check_pattern(spec: PruneSpec, name: str, inputs: int) -> None:
+    if spec.pattern is not None and inputs % spec.pattern[1]:
+        raise PruneError(f"{name}: its {inputs} inputs are not a multiple of M = {spec.pattern[1]}")
+
+
 def row_mask(score: Tensor, spec: PruneSpec, name: str) -> Tensor:
     """True where a weight is kept: the largest scores of each output row (a fraction, or N of every M)."""
     N, K = score.shape
+    check_pattern(spec, name, K)
     if spec.pattern is not None:
         n, m = spec.pattern
-        if K % m:
-            raise PruneError(f"{name}: its {K} inputs are not a multiple of M = {m}")
         groups = score.reshape(N, K // m, m)
         keep = groups.topk(n, dim=-1).indices
         return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).reshape(N, K)
@@ -139,10 +143,8 @@ def prune(model: GPT, spec: PruneSpec, calibration: list[Tensor] | None = None) 
     if spec.method == "wanda" and not calibration:
         raise PruneError("wanda needs calibration text (--calib FILE)")
     layers = block_linears(model)
-    if spec.pattern is not None:  # every layer checked before any weight changes
-        for name, layer in layers.items():
-            if layer.weight.shape[1] % spec.pattern[1]:
-                raise PruneError(f"{name}: its {layer.weight.shape[1]} inputs are not a multiple of M = {spec.pattern[1]}")
+    for name, layer in layers.items():  # every layer checked before any weight changes
+        check_pattern(spec, name, layer.weight.shape[1])
     masks = {}
     for i in range(len(model.blocks)):
         names = [f"blocks.{i}.{name}" for name in LINEARS]
