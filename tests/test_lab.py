@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from gptkit import GPTConfig
 from gptkit.cli import main
 from gptkit.lab import fit, generations, ladder, shape
+from gptkit.lab.evolution import write_table
 from gptkit.lab.runs import body_params
 
 pytest.importorskip("scipy")
@@ -30,7 +32,9 @@ def test_each_rung_changes_exactly_one_thing():
         recipe = [k for k in {**before.recipe, **after.recipe} if before.recipe.get(k) != after.recipe.get(k)]
         assert len(model) + len(recipe) == 1, (after.name, model, recipe)
     assert rungs[0].config.prenorm is False and rungs[-1].config.pos == "rope"
-    assert [g.name for g in generations(BASE)][2] == "GPT-3-style (banded)"
+    gpt1, gpt1_own_lr, _, gpt3, modern = generations(BASE)
+    assert gpt1_own_lr.config == gpt1.config and gpt1_own_lr.recipe == {**gpt1.recipe, "lr": 2.5e-4}
+    assert gpt3.name == "GPT-3-style (banded)" and gpt3.config.local_layers and modern.config == rungs[-1].config
 
 
 def test_the_fit_recovers_known_exponents():
@@ -55,17 +59,36 @@ def test_the_evolution_lab_writes_its_table_and_resumes(data, tmp_path, capsys):
             "--out", str(tmp_path / "lab")]
     assert main(argv) == 0
     table = (tmp_path / "lab" / "table.md").read_text()
-    for row in ("GPT-1 (post-norm)", "GPT-3-style (banded)", "+ SwiGLU", "+ WSD schedule = modern"):
+    for row in ("GPT-1 (post-norm)", "GPT-1 at its paper's lr", "GPT-3-style (banded)", "+ SwiGLU",
+                "+ WSD schedule = modern"):
         assert row in table
     assert (tmp_path / "lab" / "evolution.png").stat().st_size > 10_000
     finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "lab").glob("*/model.safetensors")}
-    assert len(finished) == 11  # GPT-1, GPT-2 and modern are rungs of the ladder too: trained once
+    assert len(finished) == 12  # GPT-1, GPT-2 and modern are rungs of the ladder too: trained once
     stopped = next(iter(finished)).parent
     (stopped / "result.json").unlink()  # as if the lab had been stopped before that run's summary
     capsys.readouterr()
     assert main(argv) == 0
     assert (stopped / "result.json").exists() and "GPT-1 (post-norm)" in capsys.readouterr().out
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items() if p.parent != stopped)  # none retrained
+
+
+def test_the_table_times_each_run_to_gpt2s_final_loss(tmp_path):
+    def result(name, *losses):
+        curve = [{"tokens": 100 * i, "val_loss": v, "elapsed_s": 10.0 * i} for i, v in enumerate(losses, 1)]
+        return {"name": name, "params": 1000, "tokens": 300, "tokens_per_s": 10.0, "val_loss": losses[-1],
+                "curve": curve}
+
+    results = [result("GPT-2", 5.0, 4.0, 3.0), result("stuck", 6.0, 6.0, 6.0), result("fast", 4.0, 2.5, 2.0),
+               result("overfits", 4.0, 2.0, 3.5)]
+    table = write_table(results, tmp_path / "table.md", token_bytes=2.0, reference="GPT-2")
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in table.splitlines()[2:6])}
+    assert "seconds to 3.000" in table and rows["GPT-2"][-1] == "30" and rows["stuck"][-1] == "—"
+    assert rows["fast"][-1] == "17"  # 4.0 at 10 s, 2.5 at 20 s: 3.0 two thirds of the way
+    assert rows["overfits"][4:6] == ["3.5000", "2.0000"]  # the last evaluation's loss, and the best
+    assert rows["GPT-2"][6] == f"{3.0 / math.log(2) / 2.0:.3f}"  # bits per byte at 2 bytes a token
+    assert (tmp_path / "table.md").read_text() == table
 
 
 def test_the_scaling_lab_fits_and_predicts(data, tmp_path, capsys):

@@ -7,7 +7,10 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from ..config import GPTConfig
+from ..data import TokenShards
 from ..tokenizer import Tokenizer
 from .runs import Run, body_params, match_width, run, shape, time_to
 
@@ -26,6 +29,8 @@ LADDER = [
     ("+ WSD schedule = modern", {}, {"schedule": "wsd"}),
 ]
 BASE_RECIPE = {"optimizer": "adamw", "schedule": "cosine", "lr": 3e-3, "warmup_steps": 20, "batch_size": 16}
+# GPT-1's paper: Adam at 2.5e-4 (its 2,000 warm-up steps of ~300k are a smaller share than the shared recipe's 20)
+GPT1_LR = 2.5e-4
 
 
 def ladder(base: GPTConfig) -> list[Run]:
@@ -40,12 +45,14 @@ def ladder(base: GPTConfig) -> list[Run]:
 
 
 def generations(base: GPTConfig) -> list[Run]:
-    """GPT-1, GPT-2, GPT-3-style (alternating dense and locally banded attention) and modern, at matched size."""
+    """GPT-1 (under the shared recipe, and at its paper's learning rate: post-norm needs a gentler one), GPT-2,
+    GPT-3-style (alternating dense and locally banded attention) and modern, at matched size."""
     rungs = ladder(base)
-    gpt2 = rungs[1]
+    gpt1, gpt2 = rungs[0], rungs[1]
+    gpt1_own_lr = Run(f"GPT-1 at its paper's lr ({GPT1_LR:g})", gpt1.config, {**gpt1.recipe, "lr": GPT1_LR})
     gpt3 = Run("GPT-3-style (banded)", gpt2.config.replace(window=max(16, base.context // 4),
                                                            local_layers=tuple(range(1, base.n_layer, 2))), gpt2.recipe)
-    return [rungs[0], gpt2, gpt3, rungs[-1]]
+    return [gpt1, gpt1_own_lr, gpt2, gpt3, rungs[-1]]
 
 
 def slug(name: str) -> str:
@@ -58,43 +65,51 @@ def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: in
     write `table.md` and `evolution.png` to `out`. Returns one summary per run."""
     vocab = Tokenizer.load(Path(data)).vocab_size
     base = GPTConfig(vocab_size=vocab, context=context, **shape(params))
-    runs = {r.name: r for r in [*generations(base), *ladder(base)]}  # GPT-1 and GPT-2 are in both: run once
+    _, gpt1_own_lr, _, gpt3, _ = generations(base)
+    rungs = ladder(base)  # GPT-1, GPT-2 and modern are rungs too: trained once, the other two beside their kin
     results = []
-    for lab_run in runs.values():
+    for lab_run in [rungs[0], gpt1_own_lr, rungs[1], gpt3, *rungs[2:]]:
         for seed in range(seeds):
             result = run(Run(slug(lab_run.name), lab_run.config, lab_run.recipe), Path(out), data, budget, seed)
             result["name"] = lab_run.name
             say(f"{lab_run.name} (seed {seed}): val loss {result['val_loss']:.4f}, {result['tokens']:,} tokens, "
                 f"{result['tokens_per_s']:,.0f} tokens/s")
             results.append(result)
-    write_table(results, Path(out) / "table.md", data)
+    write_table(results, Path(out) / "table.md", bytes_per_token(data), reference=LADDER[1][0])  # GPT-2
     plot(results, Path(out) / "evolution.png")
     return results
 
 
-def _chars_per_token(data: str) -> float:
-    import json
+def bytes_per_token(data: str) -> float:
+    """UTF-8 bytes per token of the validation text (its tokens decoded back, the end-of-text separators as no
+    bytes): loss per token to bits per byte."""
+    tokenizer = Tokenizer.load(Path(data))
+    ids = np.concatenate([np.asarray(a) for a in TokenShards(Path(data), "val").arrays])
+    text = tokenizer.decode(ids[ids != tokenizer.eot_id])
+    return len(text.encode("utf-8")) / max(len(ids), 1)
 
-    meta = json.loads((Path(data) / "meta.json").read_text())
-    tokens = sum(s["tokens"] for s in meta["splits"].values())
-    return meta["chars"] / tokens if tokens else math.nan
 
-
-def write_table(results: list[dict], path: Path, data: str) -> str:
+def write_table(results: list[dict], path: Path, token_bytes: float, reference: str) -> str:
+    """One row per configuration (the mean over seeds, ± their spread; `token_bytes` of text per token); the time
+    column is when each run first reaches the `reference` configuration's final loss ("—" if it never does)."""
     by_name: dict[str, list[dict]] = {}
     for r in results:
         by_name.setdefault(r["name"], []).append(r)
-    common = max(statistics.mean(x["val_loss"] for x in rs) for rs in by_name.values())  # the worst final loss
-    per_char = _chars_per_token(data)
-    lines = [f"| run | parameters | tokens | tokens/s | val loss | bits/char | seconds to {common:.3f} |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    common = statistics.mean(r["val_loss"] for r in by_name[reference])
+    columns = ["run", "parameters", "tokens", "tokens/s", "val loss", "best val loss", "bits/byte",
+               f"seconds to {common:.3f}"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for name, rs in by_name.items():
         losses = [r["val_loss"] for r in rs]
         spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
+        best = statistics.mean(min((p["val_loss"] for p in r["curve"]), default=r["val_loss"]) for r in rs)
         seconds = statistics.mean(time_to(r["curve"], common, "elapsed_s") for r in rs)
         lines.append(f"| {name} | {rs[0]['params']:,} | {statistics.mean(r['tokens'] for r in rs):,.0f} | "
                      f"{statistics.mean(r['tokens_per_s'] for r in rs):,.0f} | {statistics.mean(losses):.4f}{spread} | "
-                     f"{statistics.mean(losses) / math.log(2) / per_char:.3f} | {seconds:.0f} |")
+                     f"{best:.4f} | {statistics.mean(losses) / math.log(2) / token_bytes:.3f} | "
+                     f"{'—' if math.isnan(seconds) else f'{seconds:.0f}'} |")
+    lines.append(f"\nVal loss: the last evaluation's; bits/byte: of the validation text; seconds to {common:.3f}: "
+                 f"when a run first reaches {reference}'s final loss (—: never).")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
