@@ -63,8 +63,8 @@ def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: in
               say=print) -> list[dict]:
     """Train every generation and ladder rung (`seeds` times each, resuming a stopped lab where it was), then
     write `table.md` and `evolution.png` to `out`. Returns one summary per run."""
-    vocab = Tokenizer.load(Path(data)).vocab_size
-    base = GPTConfig(vocab_size=vocab, context=context, **shape(params))
+    tokenizer = Tokenizer.load(Path(data))
+    base = GPTConfig(vocab_size=tokenizer.vocab_size, context=context, **shape(params))
     _, gpt1_own_lr, _, gpt3, _ = generations(base)
     rungs = ladder(base)  # GPT-1, GPT-2 and modern are rungs too: trained once, the other two beside their kin
     results = []
@@ -75,15 +75,14 @@ def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: in
             say(f"{lab_run.name} (seed {seed}): val loss {result['val_loss']:.4f}, {result['tokens']:,} tokens, "
                 f"{result['tokens_per_s']:,.0f} tokens/s")
             results.append(result)
-    write_table(results, Path(out) / "table.md", bytes_per_token(data), reference=LADDER[1][0])  # GPT-2
+    write_table(results, Path(out) / "table.md", bytes_per_token(tokenizer, data), reference=LADDER[1][0])  # GPT-2
     plot(results, Path(out) / "evolution.png")
     return results
 
 
-def bytes_per_token(data: str) -> float:
+def bytes_per_token(tokenizer: Tokenizer, data: str) -> float:
     """UTF-8 bytes per token of the validation text (its tokens decoded back, the end-of-text separators as no
     bytes): loss per token to bits per byte."""
-    tokenizer = Tokenizer.load(Path(data))
     ids = np.concatenate([np.asarray(a) for a in TokenShards(Path(data), "val").arrays])
     text = tokenizer.decode(ids[ids != tokenizer.eot_id])
     return len(text.encode("utf-8")) / max(len(ids), 1)
