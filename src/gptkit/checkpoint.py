@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import GptkitError
 from .config import ConfigError, GPTConfig
 from .model import GPT, rope_tables
 from .tokenizer import Tokenizer, TokenizerError, TokenizerNotFound
@@ -25,7 +26,7 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 Writer = Callable[[Path], None]  # writes one file's full contents to the path it is given
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptkitError):
     """A checkpoint directory that is missing, corrupt, or does not match its config."""
 
 

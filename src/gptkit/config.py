@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from .errors import GptkitError
 
 
 ADDED_LATER = {"attn_dropout", "head_size"}  # fields that checkpoints written before them lack; their default keeps the old meaning
 
 
-class ConfigError(ValueError):
+class ConfigError(GptkitError):
     """A config or preset that cannot describe a valid model."""
 
 

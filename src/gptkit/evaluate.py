@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import GptkitError
 from .data import TokenShards
 from .model import GPT
 from .tokenizer import Tokenizer
 
 
-class EvalError(ValueError):
+class EvalError(GptkitError):
     """An evaluation file that cannot be read, or does not fit the model."""
 
 

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import GptkitError
 from .model import GPT
 from .tokenizer import Tokenizer
 
 
-class GenerationError(ValueError):
+class GenerationError(GptkitError):
     """Invalid sampling settings, or a prompt that does not fit the model's context."""
 
 

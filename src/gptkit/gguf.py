@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import GptkitError
 from . import checkpoint, quantize
 from .config import ConfigError, GPTConfig
 from .model import GPT
@@ -24,7 +25,7 @@ TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
 
 
-class GGUFError(ValueError):
+class GGUFError(GptkitError):
     """A model llama.cpp cannot represent, or a file that is not a GGUF gptkit can read."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import GptkitError
 from . import checkpoint
 from .config import ConfigError, GPTConfig
 from .model import GPT
@@ -20,7 +21,7 @@ SUPPORTED = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "l
 ROPE_FAMILY = ("llama", "qwen3")  # Qwen3 is Llama's layout plus an RMSNorm of each head's queries and keys
 
 
-class ConversionError(ValueError):
+class ConversionError(GptkitError):
     """A transformers checkpoint that gptkit cannot represent, or a gptkit model transformers cannot."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import GptkitError
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -27,7 +28,7 @@ STRUCTURED = ("heads", "channels")  # these make a smaller dense model
 METHODS = ("magnitude", "wanda", *STRUCTURED)
 
 
-class PruneError(ValueError):
+class PruneError(GptkitError):
     """A pruning request that cannot be carried out."""
 
 

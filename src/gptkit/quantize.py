@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import GptkitError
 from . import kernels
 from .model import GPT
 
@@ -23,7 +24,7 @@ BLOCK = 32  # the integers' packing unit; a group is a whole number of blocks
 LAYOUTS = ("rows8", "rows")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(GptkitError):
     """A model or setting that cannot be quantized as asked."""
 
 

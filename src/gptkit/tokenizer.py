@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+from .errors import GptkitError
 
 EOT = "<|endoftext|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML role delimiters: <|im_start|>user\n...<|im_end|>
@@ -21,7 +22,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 BPE_FILE, CHARS_FILE = "tokenizer.json", "chars.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptkitError):
     """Text or ids that a tokenizer cannot handle, or a tokenizer file that cannot be read."""
 
 

@@ -11,9 +11,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import GptkitError
 
 
-class DataError(ValueError):
+class DataError(GptkitError):
     """Input text that cannot be used: missing, empty, binary, malformed, or not downloadable."""
 
 

@@ -13,12 +13,13 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import GptkitError
 
 FIELDS = {"classify": ("text", "label"), "entail": ("premise", "hypothesis", "label"),
           "similar": ("text_a", "text_b", "label"), "choice": ("context", "options", "label")}
 
 
-class TaskDataError(ValueError):
+class TaskDataError(GptkitError):
     """A labelled file that cannot be read as the task's examples."""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import GptkitError
 from .. import checkpoint
 
 STATE_FILE = "fit_state.pt"
 
 
-class ResumeError(ValueError):
+class ResumeError(GptkitError):
     """A fine-tuning run that cannot resume as asked."""
 
 

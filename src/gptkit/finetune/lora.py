@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from ..errors import GptkitError
 
 
 class LoRALinear(nn.Module):
@@ -25,7 +26,7 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-class LoRAError(ValueError):
+class LoRAError(GptkitError):
     """LoRA settings that match nothing in the model."""
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import GptkitError
 from .. import checkpoint
 from ..model import GPT
 from ..tokenizer import Tokenizer
@@ -33,7 +34,7 @@ SPECIAL = ("<|start|>", "<|delim|>", "<|extract|>")
 TASK_FILE, HEAD_FILE, ADAPTER_FILE, ADAPTER_META = "task.json", "head.safetensors", "adapter.safetensors", "adapter.json"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(GptkitError):
     """Fine-tuning settings or inputs that cannot work."""
 
 

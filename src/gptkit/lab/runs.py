@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import GptkitError
 from ..config import GPTConfig
 from ..model import GPT
 from ..train import load_recipe, train
@@ -19,7 +20,7 @@ from ..train.trainer import STATE_FILE
 RESULT_FILE = "result.json"  # written last: a run with it is finished
 
 
-class LabError(ValueError):
+class LabError(GptkitError):
     """A lab that cannot run as asked."""
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..errors import GptkitError
 from ..config import preset
 
 
@@ -15,7 +16,7 @@ LIMITS = ("max_steps", "max_tokens", "time_limit")
 DEFAULT_TIME_LIMIT = 120.0  # seconds: what a bare `gptkit train` trains for
 
 
-class RecipeError(ValueError):
+class RecipeError(GptkitError):
     """A recipe file or override that does not describe a valid run."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import GptkitError
 from .. import checkpoint
 from ..config import GPTConfig, preset
 from ..model import GPT
@@ -12,7 +13,7 @@ from ..tokenizer import Tokenizer
 from .recipe import TrainConfig
 
 
-class TrainError(ValueError):
+class TrainError(GptkitError):
     """A run that cannot start or continue as asked."""
 
 
