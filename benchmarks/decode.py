@@ -14,7 +14,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gptkit.hf
 from gptkit.engine import generate_tokens
-from gptkit.kernels.packed import pack_for_cpu_inference
 from gptkit.generate import SamplingParams
 
 
@@ -42,7 +41,7 @@ def main():
     hf = GPT2LMHeadModel(GPT2Config()).eval()  # 124M, random weights
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = pack_for_cpu_inference(gptkit.hf.load(d))
+        ours = gptkit.hf.load(d)  # the engine picks its native stepper
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
     n = args.new_tokens
 

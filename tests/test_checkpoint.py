@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptkit import GPT, CheckpointError, checkpoint, load, preset
+from gptkit import GPT, CheckpointError, checkpoint, files, load, preset
 
 
 def test_save_load_round_trip(tiny_ckpt):
@@ -11,7 +11,8 @@ def test_save_load_round_trip(tiny_ckpt):
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
-    assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["commit.json", "config.json", "model.safetensors",
+                                                           "tokenizer.json"]
 
 
 def test_load_with_overrides_changes_only_those_fields(tiny_ckpt):
@@ -49,8 +50,8 @@ def test_failed_write_keeps_previous_files(tiny_ckpt):
         path.write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(checkpoint.DiskFullError, match="the disk is full"):
-        checkpoint.write_atomically(tiny_ckpt, {"model.safetensors": disk_full})
+    with pytest.raises(files.DiskFullError, match="the disk is full"):
+        files.commit(tiny_ckpt, {"model.safetensors": disk_full})
     assert (tiny_ckpt / "model.safetensors").read_bytes() == before
     assert not [p for p in tiny_ckpt.iterdir() if p.name.endswith(".tmp")]
 
@@ -64,17 +65,30 @@ def test_rope_model_loads_with_its_tables(tmp_path):
         assert torch.equal(loaded(ids), model(ids))
 
 
-def test_a_full_disk_in_any_library_words_is_named(tiny_ckpt):
+def test_a_full_disk_in_any_library_words_is_named(tiny_ckpt, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
     from safetensors import SafetensorError
 
-    for error in (SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                  "message: \"No space left on device\" })"),
-                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")):
-        def full(path, error=error):
+    def failing(error):
+        def write(path):
             raise error
+        return {"config.json": write}
 
-        with pytest.raises(checkpoint.DiskFullError, match=f"the disk is full: could not write config.json in {tiny_ckpt}"):
-            checkpoint.write_atomically(tiny_ckpt, {"config.json": full})
+    full = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                           "message: \"No space left on device\" })")
+    with pytest.raises(files.DiskFullError, match=f"the disk is full: could not write config.json in {tiny_ckpt}"):
+        files.commit(tiny_ckpt, failing(full))
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")  # torch.save's
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room on the disk: not a full disk
+        files.commit(tiny_ckpt, failing(short_write))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1000))
+    with pytest.raises(files.DiskFullError):
+        files.commit(tiny_ckpt, failing(short_write))
+    with pytest.raises(ValueError, match="a bug"):  # any other error stays itself, however full the disk
+        files.commit(tiny_ckpt, failing(ValueError("a bug")))
 
 
 def test_stale_temporaries_of_a_killed_writer_are_removed(tiny_ckpt):
@@ -96,7 +110,7 @@ def test_files_are_created_with_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir()} == {
-        "config.json": "0o644", "model.safetensors": "0o644"}
+        "commit.json": "0o644", "config.json": "0o644", "model.safetensors": "0o644"}
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused_at_load(tiny_ckpt, tmp_path):
@@ -129,3 +143,37 @@ def test_a_device_this_torch_lacks_is_one_line(tiny_ckpt):
         pytest.skip("this machine has CUDA")
     with pytest.raises(CheckpointError, match="no CUDA GPU"):
         load(tiny_ckpt, device="cuda")
+
+
+def test_a_commit_killed_between_its_renames_is_finished_by_the_next_reader(tmp_path, monkeypatch):
+    """Before, files were renamed one by one: a kill between two renames left step 2's weights beside step 1's
+    train state, and resume carried on silently."""
+    import os
+
+    files.commit(tmp_path, {"a.bin": b"step 1 a", "b.bin": b"step 1 b"}, {"step": 1})
+    real, renames = os.replace, []
+
+    def killed_after_first_rename(src, dst):
+        if str(dst).endswith(".bin"):
+            renames.append(dst)
+            if len(renames) == 2:
+                raise KeyboardInterrupt  # the process dies here: a.bin is new, b.bin old
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.commit(tmp_path, {"a.bin": b"step 2 a", "b.bin": b"step 2 b"}, {"step": 2})
+    monkeypatch.setattr(os, "replace", real)
+    assert (tmp_path / "a.bin").read_bytes() == b"step 2 a" and (tmp_path / "b.bin").read_bytes() == b"step 1 b"
+    manifest = files.verify(tmp_path)  # rolls the journal forward: every new file was already whole
+    assert manifest["step"] == 2 and (tmp_path / "b.bin").read_bytes() == b"step 2 b"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_that_does_not_belong_to_the_checkpoint_is_named(tiny_ckpt):
+    """What resume checks: every file of the last commit as it was committed."""
+    assert checkpoint.verify(tiny_ckpt)["files"].keys() == {"config.json", "model.safetensors", "tokenizer.json"}
+    from safetensors.torch import save_file
+    save_file(GPT(checkpoint.load_config(tiny_ckpt)).state_dict(), str(tiny_ckpt / "model.safetensors"))  # another time's
+    with pytest.raises(CheckpointError, match="model.safetensors does not belong to the checkpoint"):
+        checkpoint.verify(tiny_ckpt)

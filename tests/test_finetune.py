@@ -184,18 +184,18 @@ def test_a_killed_fine_tuning_run_resumes_exactly(tiny_ckpt, tmp_path, monkeypat
     whole = run(tmp_path / "whole")
     assert not (tmp_path / "whole" / fit_module.STATE_FILE).exists()  # a finished run keeps no loop state
 
-    real_save, saves = fit_module.checkpoint.write_atomically, []
+    real_save, saves = fit_module.files.atomic_write, []
 
-    def killed_after_first_epoch(directory, files):
+    def killed_after_first_epoch(path, content):
         saves.append(1)
         if len(saves) == 2:
             raise KeyboardInterrupt  # the process dies while epoch 2 is being saved
-        return real_save(directory, files)
+        return real_save(path, content)
 
-    monkeypatch.setattr(fit_module.checkpoint, "write_atomically", killed_after_first_epoch)
+    monkeypatch.setattr(fit_module.files, "atomic_write", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "broken")
-    monkeypatch.setattr(fit_module.checkpoint, "write_atomically", real_save)
+    monkeypatch.setattr(fit_module.files, "atomic_write", real_save)
     assert torch.load(tmp_path / "broken" / fit_module.STATE_FILE, weights_only=True)["epoch"] == 1
     other = dataclasses.replace(cfg, lr=5e-4)
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):

@@ -3,7 +3,6 @@ import torch
 
 from gptkit import GPT, SamplingParams, preset
 from gptkit.engine import generate_tokens
-from gptkit.kernels.packed import pack_for_cpu_inference
 from gptkit.train.loss import IGNORE_INDEX, LanguageModelLoss, model_loss
 
 FAMILIES = ["tiny-gpt1", "tiny-gpt2", "tiny-gpt3", "tiny-modern"]  # post-norm, learned/MHA, banded, RoPE/GQA
@@ -67,26 +66,6 @@ def test_banded_layers_only_see_their_window():
     all_local = model_for("tiny-gpt3", window=4, local_layers=(0, 1, 2, 3))
     with torch.no_grad():  # 4 banded layers of width 4 reach back at most 12 positions
         torch.testing.assert_close(all_local(ids)[0, -1], all_local(changed)[0, -1])
-
-
-def test_packed_inference_matches_plain_linear():
-    model = model_for("tiny-modern")
-    ids = torch.randint(0, 97, (2, 10))
-    with torch.no_grad():
-        before = model(ids)
-        keys = set(model.state_dict())
-        step_before = _decode_step(model, ids)
-        pack_for_cpu_inference(model)
-        torch.testing.assert_close(model(ids), before, atol=1e-4, rtol=1e-4)  # many rows: oneDNN
-        torch.testing.assert_close(_decode_step(model, ids), step_before, atol=1e-4, rtol=1e-4)  # few: gemv.c
-    assert set(model.state_dict()) == keys
-
-
-def _decode_step(model, ids):
-    cache = model.new_cache(ids.shape[0])
-    model(ids, cache)
-    cache.advance(ids.shape[1])
-    return model(ids[:, -1:], cache)
 
 
 def test_init_scales_residual_projections():

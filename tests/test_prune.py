@@ -103,7 +103,7 @@ def test_prune_cli_writes_a_recorded_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert record["method"] == "wanda" and record["pattern"] == [2, 4] and record["calibration"] == str(text)
     assert record["sparsity_achieved"] == pytest.approx(0.5)
     model = checkpoint.load_model(out)
-    assert model.pruning["method"] == "wanda"
+    assert model.records.pruning["method"] == "wanda"
     assert main(["generate", str(out), "--prompt", "The", "--max-new-tokens", "3"]) == 0
     assert main(["prune", str(tiny_ckpt), "--method", "channels", "--keep", "0.5", "--out", str(tmp_path / "c")]) == 0
     assert checkpoint.load_config(tmp_path / "c").hidden == checkpoint.load_config(tiny_ckpt).hidden // 2
@@ -143,7 +143,7 @@ def test_recovery_training_keeps_the_pruned_weights_zero(tmp_path, cat_data):
     for (name, a), b in zip(block_linears(pruned).items(), block_linears(recovered).values()):
         assert torch.equal(a.weight == 0, b.weight == 0), name  # the same zeros
         assert not torch.equal(a.weight, b.weight), name  # and it did train
-    assert recovered.pruning["pattern"] == [2, 4]  # the record travels with the weights
+    assert recovered.records.pruning["pattern"] == [2, 4]  # the record travels with the weights
     main(["quantize", str(tmp_path / "base"), "--out", str(tmp_path / "int8")])
     with pytest.raises(ValueError, match="quantized"):
         train(load_recipe(None, [f"init={tmp_path / 'int8'}"], data=str(cat_data), out=str(tmp_path / "q"),

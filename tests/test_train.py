@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import gptkit
-from gptkit import checkpoint
+from gptkit import checkpoint, files
 from gptkit.data import prepare, read_sources
 from gptkit.train import TrainError, load_recipe, train
 from gptkit.train.metrics import read_metrics
@@ -90,17 +90,17 @@ def test_resume_with_data_from_another_tokenizer(data, tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     cfg = recipe(data, tmp_path / "run", "max_steps=20")
     calls = []
-    real = checkpoint.write_atomically
+    real = files.commit
 
-    def disk_full_on_second(directory, files):
+    def disk_full_on_second(directory, written, meta=None):
         calls.append(1)
         if len(calls) == 2:
             def fail(path):
                 raise OSError(28, "No space left on device")
-            files = {**files, "model.safetensors": fail}
-        return real(directory, files)
+            written = {**written, "model.safetensors": fail}
+        return real(directory, written, meta)
 
-    monkeypatch.setattr(checkpoint, "write_atomically", disk_full_on_second)
+    monkeypatch.setattr(files, "commit", disk_full_on_second)
     with pytest.raises(TrainError, match="the disk is full.* the last good checkpoint in .* is step 10"):
         train(cfg, quiet=True)
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)

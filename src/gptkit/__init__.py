@@ -7,7 +7,6 @@ from .checkpoint import CheckpointError, load_model, load_tokenizer
 from .config import PRESETS, ConfigError, GPTConfig, preset
 from .engine import LM
 from .generate import GenerationError, SamplingParams
-from .kernels.packed import pack_for_cpu_inference
 from .model import GPT
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -17,7 +16,7 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "Sampling
 
 def load(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LM:
     """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`. On CPU
-    its linear layers are already the decoding kernels' (same parameters, same state dict). `dtype`: fp32,
+    its engine decodes with the native kernels where the model's layers allow. `dtype`: fp32,
     bf16 or fp16 for the floating-point weights and activations, where the device computes in it natively
     (quantized weights stay integers)."""
     compute = checkpoint.check_dtype(dtype, checkpoint.check_device(device))  # before reading a large file
@@ -26,4 +25,4 @@ def load(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LM:
     if tokenizer is None:
         raise CheckpointError(f"{path} has no tokenizer file, so it cannot turn text into tokens")
     checkpoint.check_tokenizer(model, tokenizer, path)
-    return LM(pack_for_cpu_inference(model), tokenizer)  # on CPU, the fast decoding path from the start
+    return LM(model, tokenizer)

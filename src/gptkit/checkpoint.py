@@ -1,139 +1,76 @@
-"""Checkpoint directories: config.json + model.safetensors + tokenizer file(s), written atomically."""
+"""Checkpoint directories: config.json + model.safetensors + tokenizer file(s), written as one commit (files.py):
+a reader sees the whole of one checkpoint, or is told which file does not belong."""
 
 from __future__ import annotations
 
-import errno
-import glob
-import hashlib
+import dataclasses
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import GptkitError
+from . import files
 from .config import ConfigError, GPTConfig
-from .model import GPT, rope_tables
+from .errors import GptkitError
+from .model import GPT, Records, rope_tables
 from .tokenizer import Tokenizer, TokenizerError, TokenizerNotFound
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-Writer = Callable[[Path], None]  # writes one file's full contents to the path it is given
 
 
 class CheckpointError(GptkitError):
     """A checkpoint directory that is missing, corrupt, or does not match its config."""
 
 
-def write_atomically(directory: Path, files: dict[str, Writer]) -> None:
-    """Write every file to a temporary name, fsync, then rename them into place.
-
-    If anything fails while writing (a full disk, a kill), the previous files are untouched and the
-    temporaries are removed; the renames at the end take microseconds. Temporaries that a killed writer
-    left behind (same names) are removed first. Files get the permissions of any file the user creates
-    (the umask), not the owner-only mode of temporary files.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        for stale in directory.glob(f".{glob.escape(name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    mode = 0o666 & ~_umask()
-    temps: dict[str, Path] = {}
-    try:
-        for name, write in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            temps[name] = Path(tmp)
-            write(temps[name])
-            os.chmod(tmp, mode)  # after writing: some writers (safetensors) replace the file they are given
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for name, tmp in temps.items():
-            os.replace(tmp, directory / name)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        if _disk_full(e, directory):
-            raise DiskFullError(f"the disk is full: could not write {', '.join(files)} in {directory} "
-                                f"({shutil.disk_usage(directory).free:,} bytes free)") from None
-        raise
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-
-
-class DiskFullError(CheckpointError):
-    """No space left where a checkpoint or shard was being written (the previous files are intact)."""
-
-
-def _disk_full(e: Exception, directory: Path) -> bool:
-    # safetensors and torch.save report a full disk in words of their own, not always with ENOSPC
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return "No space left" in text or "unexpected pos" in text or shutil.disk_usage(directory).free < (1 << 20)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def text_writer(text: str) -> Writer:
-    return lambda path: path.write_text(text, encoding="utf-8")
-
-
 def model_files(model: GPT, tokenizer: Tokenizer | None = None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Writer]:
+                state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, str | files.Writer]:
     """The writers for a model's (and its tokenizer's) files in a checkpoint directory. `state_dict`: the
     full weights when the model's own are sharded."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    files = {
+    written = {
         WEIGHTS_FILE: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
-        CONFIG_FILE: text_writer(json.dumps(config_record(model), indent=2) + "\n"),
+        CONFIG_FILE: json.dumps(config_record(model), indent=2) + "\n",
     }
     if tokenizer is not None:
         name, text = tokenizer.to_json()
-        files[name] = text_writer(text)
-    return files
+        written[name] = text
+    return written
 
 
-RECORDS = ("quantization", "pruning")  # what config.json says of the weights beside the model's config
+RECORDS = tuple(f.name for f in dataclasses.fields(Records))  # what config.json says of the weights beside the config
 
 
 def config_record(model: GPT) -> dict:
     """What config.json holds: the model's config, and the records of what was done to its weights (how they
     are quantized, how they were pruned)."""
-    records = {name: getattr(model, name) for name in RECORDS if getattr(model, name, None)}
+    records = {k: v for k, v in dataclasses.asdict(model.records).items() if v}
     return {**model.config.to_dict(), **records}
 
 
-def save(directory: Path, model: GPT, tokenizer: Tokenizer | None = None, extra: dict[str, Writer] | None = None):
-    write_atomically(directory, {**model_files(model, tokenizer), **(extra or {})})
+def save(directory: Path, model: GPT, tokenizer: Tokenizer | None = None,
+         extra: dict[str, str | bytes | files.Writer] | None = None, meta: dict | None = None) -> None:
+    """The model (and its tokenizer, and `extra` files) as one commit; `meta` (e.g. the step) goes in its manifest."""
+    files.commit(directory, {**model_files(model, tokenizer), **(extra or {})}, meta)
+
+
+def verify(directory: Path, names=None) -> dict | None:
+    """The directory's last commit (finished if a kill interrupted it), its files checked: CheckpointError naming
+    a file that does not belong."""
+    try:
+        return files.verify(directory, names)
+    except files.CommitError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def weights_sha256(directory: Path) -> str:
     """The content hash of a checkpoint's weights file (what an adapter records of its base)."""
-    path = Path(directory) / WEIGHTS_FILE
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return files.sha256(Path(directory) / WEIGHTS_FILE)
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}") from None
-    return h.hexdigest()
 
 
 def _config_json(directory: Path) -> dict:
@@ -174,6 +111,8 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
     depend on (e.g. the dropout to fine-tune with)."""
     directory = Path(directory)
     device = check_device(device)
+    if directory.is_dir():
+        files.recover(directory)
     records = _config_json(directory)  # read once: the config and what was done to the weights
     config = _config(records, directory)
     if overrides:
@@ -187,7 +126,7 @@ def load_model(directory: Path, device: str | torch.device = "cpu", **overrides)
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     with torch.device("meta"):
         model = GPT(config)
-    model.pruning = records.get("pruning")
+    model.records = Records(pruning=records.get("pruning"))
     record = records.get("quantization")
     if record:  # quantized modules in place before the weights arrive: the fp32 ones never exist
         from . import quantize
@@ -272,6 +211,8 @@ def check_state(model: GPT, state: dict[str, torch.Tensor], source: object) -> N
 
 
 def load_tokenizer(directory: Path) -> Tokenizer | None:
+    if Path(directory).is_dir():
+        files.recover(directory)
     try:
         return Tokenizer.load(directory)
     except TokenizerNotFound:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import native
 from .generate import (SEED_RANGE, Detokenizer, GenerationError, SamplingParams, apply_penalties, beam_search,
                        check_fits, sample)
 from .model import GPT
@@ -69,16 +70,30 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16, max_len: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.stepper = native.stepper(self.model)
         self.cache = model.new_cache(max_batch, min(max_len or model.config.context, model.config.context))
         self.vocab = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
         self.rows: list[_Row] = []  # row i of the cache
         self.waiting: deque[Request] = deque()
         self.logits: Tensor | None = None  # next-token logits of every row [rows, V]
         self.max_rows = 0  # the widest step so far (observability, tests)
+        self.in_step: list[Request] = []  # requests the current step took out of rows or waiting (for `abort`)
 
     @property
     def max_batch(self) -> int:
         return self.cache.batch
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def has_room(self) -> bool:
+        """Whether a request added now would start at the next step."""
+        return len(self.rows) + len(self.waiting) < self.max_batch
 
     def check(self, request: Request) -> None:
         """Raise GenerationError for a request this engine cannot run as asked."""
@@ -108,6 +123,7 @@ class Engine:
     def step(self) -> list[Output]:
         """Admit waiting requests (one batched prefill), sample the next token of every row, then run one
         forward pass for the rows still going."""
+        self.in_step = []
         with torch.inference_mode():
             self._drop_cancelled()
             self._admit()
@@ -118,15 +134,18 @@ class Engine:
             logprobs = self._logprobs(tokens)
             outputs = [self._emit(row, t, lp) for row, t, lp in zip(self.rows, tokens, logprobs)]
             going = [i for i, o in enumerate(outputs) if o.finish_reason is None]
+            self.in_step = [self.rows[i].request for i, o in enumerate(outputs) if o.finish_reason is not None]
             self._keep(going)
             if self.rows:
                 self._decode([tokens[i] for i in going])
+        self.in_step = []
         return outputs
 
     def abort(self) -> list[Request]:
-        """Drop every running and waiting request (after a failed step); return them. The engine stays usable."""
-        dropped = [row.request for row in self.rows] + list(self.waiting)
-        self.rows, self.logits = [], None
+        """Drop every request of the engine after a failed step, and return them: running, waiting, and those the
+        failed step finished (their outputs never left it). The engine stays usable."""
+        dropped = [row.request for row in self.rows] + list(self.waiting) + self.in_step
+        self.rows, self.logits, self.in_step = [], None, []
         self.waiting.clear()
         for i in range(self.cache.batch):
             self.cache.set_length(i, 0)
@@ -141,17 +160,18 @@ class Engine:
             self._keep(keep)
 
     def _admit(self) -> None:
-        new = []
-        while self.waiting and len(self.rows) + len(new) < self.cache.batch:
-            new.append(self.waiting.popleft())
+        # taken from the queue only once their prefill has run: a prefill that raises leaves them for `abort`
+        new = list(itertools.islice(self.waiting, max(0, self.cache.batch - len(self.rows))))
         if not new:
             return
         n, lengths = len(self.rows), [len(r.prompt) for r in new]
         device = self.cache.device
         T = max(lengths)  # right-padded: each row's own tokens come first, its padding is never attended to
         idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in new], device=device)
-        h = self.model.hidden_states(idx, self.cache.select(n, n + len(new)))
-        logits = self.model.logits(h[torch.arange(len(new), device=device), torch.tensor(lengths, device=device) - 1])
+        h = self.stepper.prefill(idx, self.cache.select(n, n + len(new)))
+        logits = self.stepper.logits(h[torch.arange(len(new), device=device), torch.tensor(lengths, device=device) - 1])
+        for _ in new:
+            self.waiting.popleft()
         for i, length in enumerate(lengths):
             self.cache.set_length(n + i, length)
         for r in new:
@@ -218,13 +238,12 @@ class Engine:
         self.rows = [self.rows[i] for i in keep]
 
     def _decode(self, tokens: list[int]) -> None:
-        n = len(self.rows)
-        view = self.cache.select(0, n)
-        self.logits = self.model(torch.tensor(tokens, device=self.cache.device)[:, None], view)[:, -1]
+        view = self.cache.select(0, len(self.rows))
+        self.logits = self.stepper.decode(torch.tensor(tokens, device=self.cache.device), view)
         view.advance(1)
 
 
-def batch(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], params: SamplingParams,
+def engine_for(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], params: SamplingParams,
           stop_ids: tuple[int, ...]) -> tuple[Engine, list[Request]]:
     """An engine sized for `prompts`, holding one request each (checked now); prompt i gets the seed
     `seed + i`."""
@@ -236,7 +255,7 @@ def batch(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], par
 def generate_tokens(model: GPT, prompts: list[list[int]], params: SamplingParams,
                     stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
     """The generated token ids of each prompt (no tokenizer needed), decoded together."""
-    engine, requests = batch(model, None, prompts, params, stop_ids)
+    engine, requests = engine_for(model, None, prompts, params, stop_ids)
     out: dict[int, list[int]] = {r.id: [] for r in requests}
     while engine.has_work():
         for o in engine.step():
@@ -269,7 +288,7 @@ class LM:
             for p in ids:
                 check_fits(self.model, len(p), params.max_new_tokens)
             return self._beams(ids, params)
-        return self._run(*batch(self.model, self.tokenizer, ids, params, self.stop_ids()))
+        return self._run(*engine_for(self.model, self.tokenizer, ids, params, self.stop_ids()))
 
     def _run(self, engine: Engine, requests: list[Request]) -> Iterator[list[str]]:
         where = {r.id: i for i, r in enumerate(requests)}

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import GptkitError
+from . import files
 from .data import TokenShards
+from .errors import GptkitError
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -188,7 +189,7 @@ def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None
             result = generation_scores(hyps, [r["reference"] for r in rows])
     result = {"task": task, "data": str(data), **result}
     out = ckpt / "eval" / f"{task}-{data.stem}.json"
-    checkpoint.write_atomically(out.parent, {out.name: checkpoint.text_writer(json.dumps(result, indent=1) + "\n")})
+    files.atomic_write(out, json.dumps(result, indent=1) + "\n")
     return result, out
 
 

@@ -4,7 +4,8 @@ A checkpoint is several files; renaming them one by one leaves a window where a 
 step N's optimizer state. `commit` closes it with a journal: every file is written under a temporary name, then a
 pending manifest (each file's temporary name and hash) is written atomically, then the files are renamed, then the
 manifest is. `verify` rolls an interrupted commit forward (every temporary file is already whole) and checks each
-listed file against its hash, so a reader sees one whole commit or is told which file does not belong.
+listed file against its hash, so a reader sees one whole commit or is told which file does not belong. (Loading
+a model only recovers: a config.json edited by hand on purpose still loads; resuming a run verifies.)
 """
 
 from __future__ import annotations
@@ -155,10 +156,8 @@ def _roll_forward(directory: Path, journal: dict) -> None:
     _fsync_dir(directory)
 
 
-def verify(directory: Path | str, names=None) -> dict | None:
-    """The manifest of the directory's last commit (None where it has none: written before commits existed),
-    after finishing a commit a kill interrupted. Each listed file among `names` (default: all) that exists must
-    have the hash it was committed with."""
+def recover(directory: Path | str) -> None:
+    """Finish a commit that a kill interrupted (every one of its files was written whole before its journal)."""
     directory = Path(directory)
     pending = directory / PENDING
     if pending.exists():
@@ -171,6 +170,13 @@ def verify(directory: Path | str, names=None) -> dict | None:
             _roll_forward(directory, journal)
         else:
             pending.unlink(missing_ok=True)
+
+
+def verify(directory: Path | str, names=None) -> dict | None:
+    """The manifest of the directory's last commit (None where it has none: written before commits existed), after
+    `recover`. Each listed file among `names` (default: all) that exists must have the hash it was committed with."""
+    directory = Path(directory)
+    recover(directory)
     path = directory / MANIFEST
     if not path.exists():
         return None

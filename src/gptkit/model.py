@@ -1,10 +1,11 @@
 """The GPT model: one class for GPT-1, GPT-2, GPT-3-style and modern decoders, plus its KV cache. The model
-only: losses live in train/loss.py, CPU kernels and packing in kernels/."""
+only, in PyTorch: losses live in train/loss.py; how the engine runs it (native kernels or this code) in native.py."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,14 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
         self.lengths = [self.lengths[i] for i in rows.tolist()]
         self.window = slice(0, len(self.lengths))
+
+
+@dataclass(frozen=True)
+class Records:
+    """What was done to a model's weights (how they are quantized, how they were pruned): saved in its checkpoint's
+    config.json beside the config, read back with it."""
+    quantization: dict | None = None
+    pruning: dict | None = None
 
 
 def _norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -186,8 +195,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = _norm(config, config.n_embd) if config.prenorm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.inference_head: nn.Module | None = None  # a faster module computing the same logits (kernels.pack)
-        self.inference_step = None  # a native one-token step computing the same hidden states (kernels.step)
+        self.records = Records()
         if config.pos == "rope":
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -230,10 +238,6 @@ class GPT(nn.Module):
     def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final hidden states [B, T, n_embd]. With a cache, row b's tokens follow the row's cached ones."""
         B, T = idx.shape
-        if self.inference_step is not None and cache is not None and T == 1 and not torch.is_grad_enabled():
-            h = self.inference_step(idx, cache)
-            if h is not None:
-                return h
         if cache is None:
             if T > self.config.context:
                 raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.context}")
@@ -244,6 +248,8 @@ class GPT(nn.Module):
             lengths = cache.row_lengths()
             if max(lengths) + T > self.config.context:
                 raise ValueError(f"sequence of {max(lengths) + T} tokens exceeds the context of {self.config.context}")
+            if max(lengths) + T > cache.max_len:
+                raise ValueError(f"sequence of {max(lengths) + T} tokens exceeds the cache's {cache.max_len} positions")
             pos = cache.positions(T)
             dense = local = None
             if self.config.local_layers or any(n != lengths[0] for n in lengths) or (T > 1 and lengths[0] > 0):
@@ -262,8 +268,6 @@ class GPT(nn.Module):
         return self.norm_f(x) if self.norm_f is not None else x
 
     def logits(self, h: Tensor) -> Tensor:
-        if self.inference_head is not None and not torch.is_grad_enabled():
-            return self.inference_head(h)
         return F.linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
 
     def head_weight(self) -> Tensor:

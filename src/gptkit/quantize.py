@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import GptkitError
 from . import kernels
+from .errors import GptkitError
+from .kernels.step import Weights
 from .model import GPT
 
 BLOCK = 32  # the integers' packing unit; a group is a whole number of blocks
@@ -140,6 +141,10 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_weight(*deinterleave(self.qweight, self.scales), self.bits, dtype)
 
+    def native_weights(self) -> Weights:
+        """Its blocks as the native kernels read them (native.py builds the decode plan from these)."""
+        return Weights(self.qweight, self.scales, self.bias, self.bits, self.group_size)
+
     def forward(self, x: Tensor) -> Tensor:
         if not x.is_cuda and not torch.is_grad_enabled():
             y = kernels.quant_linear(x if x.dtype == torch.float32 else x.float(), self.qweight, self.scales, self.bias,
@@ -191,34 +196,23 @@ class QuantEmbedding(QuantLinear):
     def weight(self) -> Tensor:  # for code that reads the embedding matrix (the tied head under autograd)
         return self.dequantize()
 
-    def head(self) -> QuantLinear:
-        """A linear view over the same buffers (not in the state dict) computing the tied logits."""
-        head = QuantLinear(self.in_features, self.out_features, False, 8, self.group_size, device="meta",
-                           persistent=False)
-        head.qweight, head.scales = self.qweight, self.scales
-        return head
-
 
 def _linears(model: GPT):
     """(parent, attribute, qualified name, layer) of every linear layer, whatever module carries it."""
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
-            if full != "inference_head" and isinstance(getattr(child, "weight", None), Tensor) and \
+            if isinstance(getattr(child, "weight", None), Tensor) and \
                     not isinstance(child, (nn.Embedding, QuantLinear)) and child.weight.dim() == 2:
                 yield parent, name, full, child
-
-
-def _set_head(model: GPT) -> None:
-    model.inference_head = model.wte.head() if isinstance(model.wte, QuantEmbedding) and model.lm_head is None else None
 
 
 @torch.no_grad()
 def quantize(model: GPT, bits: int = 8, group_size: int = 32, skip: tuple[str, ...] = (),
              embedding_bits: int | None = 8) -> GPT:
     """Quantize `model` in place: every linear of the blocks and the LM head to `bits`, the token embedding to
-    int8 (unless in `skip`), and record the scheme as `model.quantization`. Returns the model."""
-    if getattr(model, "quantization", None):
+    int8 (unless in `skip`), and record the scheme in `model.records`. Returns the model."""
+    if model.records.quantization:
         raise QuantizeError("the model is already quantized; quantize its floating-point original instead")
     scheme = Scheme(bits, group_size, embedding_bits, tuple(skip))
     unknown = [s for s in scheme.skip if not any(scheme.skips(n) for n, _ in model.named_modules())]
@@ -239,8 +233,7 @@ def quantize(model: GPT, bits: int = 8, group_size: int = 32, skip: tuple[str, .
         embedding = QuantEmbedding(*w.shape, group_size, device=w.device)
         embedding.qweight, embedding.scales = interleave(*quantize_weight(w, 8, group_size))
         model.wte = embedding
-    _set_head(model)
-    model.quantization = scheme.to_dict()
+    model.records = dataclasses.replace(model.records, quantization=scheme.to_dict())
     return model
 
 
@@ -264,13 +257,14 @@ def skeleton(model: GPT, record: dict) -> GPT:
                                               device=layer.weight.device))
     if scheme.embedding_bits and not scheme.skips("wte"):
         model.wte = QuantEmbedding(*model.wte.weight.shape, scheme.group_size, device=model.wte.weight.device)
-    model.quantization = {**scheme.to_dict(), "layout": "rows8"}  # (`arrange` brings older files to it)
+    model.records = dataclasses.replace(model.records, quantization={**scheme.to_dict(), "layout": "rows8"})
+    # (`arrange` brings older files to that layout)
     return model
 
 
 def check_loaded(model: GPT) -> GPT:
     """After a quantized state dict is assigned: every tensor of the stored kind with finite scales (a scale
-    that is not is a corrupt file, which would otherwise decode as NaN), then the tied head's view."""
+    that is not is a corrupt file, which would otherwise decode as NaN)."""
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):
             expected = torch.int8 if layer.bits == 8 else torch.uint8
@@ -279,7 +273,6 @@ def check_loaded(model: GPT) -> GPT:
                                     f"not {expected} and torch.float16")
             if not torch.isfinite(layer.scales).all():
                 raise QuantizeError(f"{name}.scales holds values that are not finite numbers")
-    _set_head(model)
     return model
 
 
@@ -292,15 +285,14 @@ def dequantize(model: GPT) -> GPT:
                 embedding = nn.Embedding(child.out_features, child.in_features, device=child.qweight.device)
                 embedding.weight.data = child.dequantize()
                 setattr(parent, name, embedding)
-            elif isinstance(child, QuantLinear) and not (parent is model and name == "inference_head"):
+            elif isinstance(child, QuantLinear):
                 linear = nn.Linear(child.in_features, child.out_features, child.bias is not None,
                                    device=child.qweight.device)
                 linear.weight.data = child.dequantize()
                 if child.bias is not None:
                     linear.bias.data = child.bias.data.clone()
                 setattr(parent, name, linear)
-    model.inference_head = None
-    model.quantization = None
+    model.records = dataclasses.replace(model.records, quantization=None)
     return model
 
 
@@ -309,5 +301,5 @@ def nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "quantization", None))
+def is_quantized(model: GPT) -> bool:
+    return bool(model.records.quantization)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 
@@ -113,7 +114,8 @@ def cmd_prune(args) -> None:
     else:
         prune.prune(model, spec, calibration)
         done = f"{prune.sparsity(model):.1%} of the blocks' linear weights are zero"
-    model.pruning = prune.record(spec, str(args.calib) if args.calib else None, prune.sparsity(model))
+    model.records = dataclasses.replace(model.records, pruning=prune.record(spec, str(args.calib) if args.calib else None,
+                                                                            prune.sparsity(model)))
     checkpoint.save(out, model, tokenizer)
     print(f"wrote {out}: {done}")
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import text_writer, write_atomically
+from ..files import atomic_write
 from ..tokenizer import Tokenizer
 from .corpora import DataError, Document
 
@@ -133,14 +133,15 @@ def prepare(docs: Iterable[Document], out: Path, tokenizer: str = "bpe", vocab_s
             shards.append({"file": name, "tokens": int(len(chunk))})
         meta_splits[split] = {"tokens": int(len(arr)), "shards": shards}
     tok_name, tok_text = tok.to_json()
-    files[tok_name] = text_writer(tok_text)
+    files[tok_name] = tok_text
     meta = {"format": FORMAT, "fingerprint": fingerprint, "dtype": dtype, "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id, "tokenizer": {"kind": tokenizer, "file": tok_name,
                                                  "sha256": hashlib.sha256(tok_text.encode()).hexdigest()},
             "documents": len(docs), "chars": sum(len(d.text) for d in docs), "splits": meta_splits,
             "sources": sources if len(sources) <= 1000 else sources[:1000] + [{"more": len(sources) - 1000}]}
-    write_atomically(out, files)
-    write_atomically(out, {META: text_writer(json.dumps(meta, indent=1) + "\n")})
+    for name, content in files.items():
+        atomic_write(out / name, content)
+    atomic_write(out / META, json.dumps(meta, indent=1) + "\n")  # last: a directory with it is whole
     return meta
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import files
 from ..errors import GptkitError
-from .. import checkpoint
 
 STATE_FILE = "fit_state.pt"
 
@@ -85,7 +85,7 @@ def fit(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: 
                  "schedule": schedule.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
                  "best": result.best, "best_state": result.best_state, "history": result.history, "stale": stale,
                  "identity": identity}
-        checkpoint.write_atomically(out, {STATE_FILE: lambda p, state=state: torch.save(state, p)})
+        files.atomic_write(out / STATE_FILE, lambda p, state=state: torch.save(state, p))
     model.load_state_dict(result.best_state)
     return result
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import GptkitError
-from .. import checkpoint
+from .. import checkpoint, files
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..train.loss import IGNORE_INDEX
@@ -293,8 +293,7 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
     task = json.dumps({"task": model.spec.task, "labels": list(model.spec.labels), "pool": model.spec.pool}) + "\n"
     head = {f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}
     if lora is None:
-        checkpoint.save(out, model.gpt, tokenizer, extra={
-            TASK_FILE: checkpoint.text_writer(task), HEAD_FILE: lambda p: save_file(head, str(p))})
+        checkpoint.save(out, model.gpt, tokenizer, extra={TASK_FILE: task, HEAD_FILE: lambda p: save_file(head, str(p))})
         return
     adapter = {**{f"gpt.{k}": v.contiguous() for k, v in lora_state(model.gpt).items()}, **head,
                "task_token_rows": model.gpt.wte.weight[first_new:].detach().contiguous()}
@@ -302,9 +301,8 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
             "alpha": lora.lora_alpha,
             "targets": list(lora.lora_targets), "first_task_token": first_new}
     name, text = tokenizer.to_json()
-    checkpoint.write_atomically(out, {
-        ADAPTER_FILE: lambda p: save_file(adapter, str(p)), ADAPTER_META: checkpoint.text_writer(json.dumps(meta)),
-        TASK_FILE: checkpoint.text_writer(task), name: checkpoint.text_writer(text)})
+    files.commit(out, {ADAPTER_FILE: lambda p: save_file(adapter, str(p)), ADAPTER_META: json.dumps(meta),
+                       TASK_FILE: task, name: text})
 
 
 def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:

@@ -1,8 +1,9 @@
-"""Native CPU kernels, compiled on first use with the machine's C compiler and cached.
+"""Native CPU kernels as tensor functions, compiled on first use with the machine's C compiler and cached.
 
-The skinny linears that bound decoding speed: fp32 (gemv.c; `packed.py` swaps it into a model's linear
-layers) and int8 / int4 weight-only (quant.c; `quantize.py`'s linears call it). Where no C compiler or OpenMP
-is available the loader returns None and callers keep their PyTorch path, so nothing depends on it.
+The skinny linears that bound decoding speed: fp32 (gemv.c) and int8 / int4 weight-only (quant.c; `quantize.py`'s
+linears call it), and the whole one-token step (step.c, `step.py`). Where no C compiler or OpenMP is available the
+loader returns None and callers keep their PyTorch path; a compiler that fails says so once on stderr, naming its
+log. Every entry point checks shapes and dtypes before it passes a pointer. Nothing of gptkit's is imported here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -37,12 +39,18 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str, flags: list[str], out: Path) -> None:
-    """Compile to a temporary file and rename it into place, so a half-written library is never loaded."""
+    """Compile to a temporary file and rename it into place, so a half-written library is never loaded. A failed
+    build leaves its compiler output in `out` + ".log" and raises."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so")
     os.close(fd)
+    log = out.with_suffix(".log")
     try:
-        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], check=True, capture_output=True, timeout=120)
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode:
+            log.write_text(f"{' '.join([compiler, *flags])}\n{result.stdout}{result.stderr}")
+            raise subprocess.SubprocessError(f"{compiler} exited with {result.returncode}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -65,7 +73,10 @@ def _library():
             _build(compiler, flags, path)
         # torch is already loaded, so the library's OpenMP calls bind to torch's own runtime and thread pool.
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        log = path.with_suffix(".log")
+        print(f"gptkit: the native CPU kernels did not build ({e}); decoding runs on PyTorch alone, 2-4x slower"
+              + (f"; compiler output in {log}" if log.exists() else ""), file=sys.stderr)
         return None
     lib.skinny_linear_f32.restype = None
     lib.skinny_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
@@ -88,8 +99,11 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | No
             or x.device.type != "cpu" or not weight.is_contiguous() or torch.is_grad_enabled() and weight.requires_grad
             or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
         return None
-    x = x.contiguous()
     N, K = weight.shape
+    if x.shape[-1] != K or weight.dim() != 2 or bias is not None and bias.shape != (N,):
+        raise ValueError(f"activations of width {x.shape[-1]} for weights {tuple(weight.shape)}"
+                         + (f" and a bias of {tuple(bias.shape)}" if bias is not None else ""))
+    x = x.contiguous()
     y = torch.empty(*x.shape[:-1], N)
     lib.skinny_linear_f32(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
                           y.data_ptr(), rows, N, K)
@@ -107,11 +121,17 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if (lib is None or not 0 < rows <= QUANT_MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu"
-            or bias is not None and bias.dtype != torch.float32):
+            or qweight.device.type != "cpu" or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())):
         return None
+    N = scales.shape[0]
+    if (bits not in (8, 4) or group_size <= 0 or group_size % 32 or K % group_size
+            or qweight.shape != (N, K if bits == 8 else K // 2) or scales.shape != (N, K // group_size)
+            or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8) or scales.dtype != torch.float16
+            or not qweight.is_contiguous() or not scales.is_contiguous() or bias is not None and bias.shape != (N,)):
+        raise ValueError(f"activations of width {K} for int{bits} weights {tuple(qweight.shape)} "
+                         f"({qweight.dtype}) with scales {tuple(scales.shape)} ({scales.dtype}), groups of {group_size}")
     if not x.is_contiguous():
         x = x.contiguous()
-    N = scales.shape[0]
     y = x.new_empty(x.shape[:-1] + (N,))
     failed = lib.quant_linear(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
                               bias.data_ptr() if bias is not None else None, y.data_ptr(), rows, N, K, group_size, bits)

@@ -32,7 +32,7 @@ typedef struct {
 typedef struct {
     Linear wte;               /* the token embedding: fp32, or int8 rows as quant.c stores them */
     const float *wpe;         /* learned positions [context, E] or NULL */
-    long n_layer, E, H, KV, D, hidden;
+    long n_layer, E, H, KV, D, hidden, context;
     long rms, act, rope, prenorm, window; /* act: 0 gelu, 1 gelu_tanh, 2 swiglu, 3 relu2 */
     float eps;
     const float *cos, *sin;   /* RoPE tables [context, D] */
@@ -111,7 +111,7 @@ static void attend(const float *q, const float *k, const float *v, long from, lo
 
 typedef struct {
     float *qkv, *att, *f;                     /* scratch: [M, Q], [M, H * D], [M, F] */
-    const long *pos, *rows;
+    const int64_t *pos, *rows;
     float *kc, *vc;
     long M, batch, max_len;
 } Step;
@@ -174,9 +174,13 @@ static void embed(const Linear *wte, long t, float *x) {
 
 /* tokens [M]: each row's new token, at position pos[m] of cache row rows[m]; kc / vc are the caches
  * [n_layer, batch, KV, max_len, D]; x [M, E] gets the rows' final hidden states.
- * Returns 0, or -1 when memory cannot be had. */
-int decode_step(const Plan *p, const long *tokens, float *x, long M, const long *pos, const long *rows, float *kc,
-                float *vc, long batch, long max_len) {
+ * Returns 0; -1 when memory cannot be had; -2 (nothing touched) when a token, row or position is out of range. */
+int decode_step(const Plan *p, const int64_t *tokens, float *x, long M, const int64_t *pos, const int64_t *rows,
+                float *kc, float *vc, long batch, long max_len) {
+    for (long m = 0; m < M; m++)
+        if (tokens[m] < 0 || tokens[m] >= p->wte.N || rows[m] < 0 || rows[m] >= batch || pos[m] < 0 ||
+            pos[m] >= max_len || pos[m] >= p->context)
+            return -2;
     for (long m = 0; m < M; m++) {
         embed(&p->wte, tokens[m], x + m * p->E);
         if (p->wpe)

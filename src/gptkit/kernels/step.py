@@ -1,25 +1,74 @@
-"""A whole decoding step in one native call (step.c): for CPU models whose every block is fp32 or quantized.
+"""A whole decoding step in one native call (step.c), over tensors described here: what a decoder's weights are,
+not where a model keeps them (the caller, gptkit's `native.py`, reads the model).
 
-`DecodeStep(model)` reads the model's tensors where they are (nothing is copied) into a plan of pointers that
-step.c walks. The plan is only used while it still describes the model: before the first step on a KV cache
-(each generation's) it checks that the same modules hold the same tensors at the same addresses, with no hooks,
-so a model changed after packing (quantized, wrapped with LoRA, moved, cast, hooked) takes the PyTorch path,
-which computes the same thing. (Checking every step cost more than the rest of the Python around a step.)
+`DecodePlan(shape, ...)` checks every tensor against the shape before it builds the pointer table step.c walks
+(nothing is copied: the plan holds the caller's tensors), and each call checks its tokens, rows and positions
+against the plan and the cache: a bad index raises before any memory is touched.
 """
 
 from __future__ import annotations
 
 import ctypes
-import weakref
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import QUANT_MAX_ROWS, _library
-from .packed import PackedLinear
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "swiglu": 2, "relu2": 3}
 _ptr = ctypes.c_void_p
+
+
+class Unsupported(Exception):
+    """Tensors the native step does not compute (another dtype, device or layout); the caller keeps its own path."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A linear layer (or an embedding table) as the kernels read it: fp32 `weight` [N, K] (bits 32), or int8
+    [N, K] / packed int4 [N, K / 2] blocks (bits 8 / 4) with fp16 `scales` [N, K / group_size] in quantize.py's
+    interleaved layout; an optional fp32 `bias` [N]."""
+    weight: Tensor
+    scales: Tensor | None = None
+    bias: Tensor | None = None
+    bits: int = 32
+    group_size: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        N, width = self.weight.shape
+        return N, width * 2 if self.bits == 4 else width
+
+
+@dataclass(frozen=True)
+class Layer:
+    norm1: tuple[Tensor, Tensor | None]
+    norm2: tuple[Tensor, Tensor | None]
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+    qkv: Weights
+    proj: Weights
+    fc: Weights
+    out: Weights
+    local: bool
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    context: int
+    activation: str
+    rmsnorm: bool
+    rope: bool
+    prenorm: bool
+    window: int
+    eps: float
 
 
 class _Linear(ctypes.Structure):
@@ -34,131 +83,107 @@ class _Layer(ctypes.Structure):
 
 class _Plan(ctypes.Structure):
     _fields_ = [("wte", _Linear), ("wpe", _ptr)] + \
-               [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "rms", "act", "rope",
-                                                    "prenorm", "window")] + \
+               [(name, ctypes.c_long) for name in ("n_layer", "E", "H", "KV", "D", "hidden", "context", "rms", "act",
+                                                    "rope", "prenorm", "window")] + \
                [("eps", ctypes.c_float)] + [(name, _ptr) for name in ("cos", "sin", "nfw", "nfb", "layers")]
 
 
-class Unsupported(Exception):
-    """A part of the model that step.c does not compute (the PyTorch path does)."""
+def _address(t: Tensor | None, shape: tuple, dtype: torch.dtype = torch.float32) -> int | None:
+    if t is None:
+        return None
+    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        raise Unsupported
+    if tuple(t.shape) != shape:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} where the plan needs {shape}")
+    return t.data_ptr()
 
 
-class DecodeStep:
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.watched: list[tuple] = []  # (dict, key, object, address): what the plan read, and where
-        self.plan = self._plan()
-        self.checked = None  # the cache buffer that the model was last checked for (a weak reference)
+def _linear(w: Weights, N: int, K: int, bias_allowed: bool = True) -> _Linear:
+    if w.bits == 32:
+        weight = _address(w.weight, (N, K))
+        if w.scales is not None:
+            raise ValueError("fp32 weights have no scales")
+    elif w.bits in (8, 4):
+        if w.group_size <= 0 or w.group_size % 32 or K % w.group_size:
+            raise ValueError(f"group size {w.group_size} does not divide {K} inputs in blocks of 32")
+        weight = _address(w.weight, (N, K if w.bits == 8 else K // 2), torch.int8 if w.bits == 8 else torch.uint8)
+        _address(w.scales, (N, K // w.group_size), torch.float16)
+    else:
+        raise Unsupported
+    if w.bias is not None and not bias_allowed:
+        raise Unsupported
+    return _Linear(weight, w.scales.data_ptr() if w.bits != 32 else None, _address(w.bias, (N,)), N, K,
+                   w.group_size, w.bits)
 
-    def __call__(self, idx: Tensor, cache) -> Tensor | None:
-        """Final hidden states [B, 1, n_embd] for one new token a row, or None where this does not apply."""
-        model, lib = self.model, _library()
-        B = idx.shape[0]
-        if (self.plan is None or lib is None or idx.shape[1] != 1 or not 0 < B <= QUANT_MAX_ROWS or model.training
-                or cache.k.dtype != torch.float32 or not cache.k.is_contiguous()):
-            return None
-        if self.checked is None or self.checked() is not cache.k:
-            if not self._current():
-                return None
-            self.checked = weakref.ref(cache.k)
-        lengths, c = cache.row_lengths(), model.config
-        if max(lengths) + 1 > c.context or not 0 <= int(idx.min()) <= int(idx.max()) < c.vocab_size:
-            return None  # the PyTorch path raises the error
-        tokens, pos = idx.reshape(B).to(torch.long).contiguous(), torch.tensor(lengths)
-        rows = torch.arange(*cache.window.indices(cache.batch))
-        x = torch.empty(B, 1, model.config.n_embd)
-        failed = lib.decode_step(ctypes.byref(self.plan), tokens.data_ptr(), x.data_ptr(), B, pos.data_ptr(),
-                                 rows.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.batch, cache.max_len)
-        return None if failed else x
 
-    def _current(self) -> bool:
-        hooks = nn.modules.module
-        if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-            return False
-        for holder, key, obj, address in self.watched:
-            if holder.get(key) is not obj or (address is not None and obj.data_ptr() != address):
-                return False
-            if address is None and (obj._forward_hooks or obj._forward_pre_hooks):
-                return False
-        return True
+class DecodePlan:
+    """The native one-token step over a decoder's weights. Raises Unsupported for tensors it does not compute and
+    ValueError for tensors whose shapes do not fit `shape`."""
 
-    # --- reading the model --------------------------------------------------------------------------------
-    def _plan(self) -> _Plan | None:
-        model, c = self.model, self.model.config
-        try:
-            if model.device.type != "cpu" or model.dtype != torch.float32:
+    def __init__(self, shape: Shape, wte: Weights, wpe: Tensor | None, layers: list[Layer],
+                 final_norm: tuple[Tensor, Tensor | None] | None, rope: tuple[Tensor, Tensor] | None):
+        s = shape
+        if _library() is None:
+            raise Unsupported
+        if len(layers) != s.n_layer or s.n_head % s.kv_heads or s.activation not in ACTIVATIONS:
+            raise ValueError("the layers do not fit the plan's shape")
+        E, D, H, KV = s.n_embd, s.head_dim, s.n_head, s.kv_heads
+        if wte.bits not in (32, 8) or wte.bias is not None:
+            raise Unsupported
+        vocab = wte.weight.shape[0]
+        self.vocab = vocab
+        table = _linear(wte, vocab, E)
+
+        def norm(pair):
+            return _address(pair[0], (E,)), _address(pair[1], (E,))
+
+        rows = []
+        for layer in layers:
+            if (layer.q_norm is None) != (layer.k_norm is None):
+                raise ValueError("QK-norm needs both the query and the key norm")
+            rows.append(_Layer(*norm(layer.norm1), *norm(layer.norm2), _address(layer.q_norm, (D,)),
+                               _address(layer.k_norm, (D,)), _linear(layer.qkv, (H + 2 * KV) * D, E),
+                               _linear(layer.proj, E, H * D),
+                               _linear(layer.fc, (2 if s.activation == "swiglu" else 1) * s.hidden, E),
+                               _linear(layer.out, E, s.hidden), layer.local))
+        cos, sin = (_address(t, (s.context, D)) for t in rope) if s.rope else (None, None)
+        if s.rope and rope is None:
+            raise ValueError("a RoPE model needs its tables")
+        nfw, nfb = norm(final_norm) if final_norm is not None else (None, None)
+        self.shape = s
+        self.layers = (_Layer * len(rows))(*rows)  # kept alive with the plan
+        self.plan = _Plan(table, _address(wpe, (s.context, E)), s.n_layer, E, H, KV, D, s.hidden, s.context,
+                          s.rmsnorm, ACTIVATIONS[s.activation], s.rope, s.prenorm, s.window, s.eps, cos, sin, nfw, nfb,
+                          ctypes.cast(self.layers, _ptr))
+
+    def __call__(self, tokens: Tensor, positions: Tensor, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Final hidden states [B, n_embd] of one new token a row: token b at position positions[b] of cache row
+        rows[b]; its key and value are written into keys / values [n_layer, batch, kv_heads, max_len, head_dim]."""
+        s, B = self.shape, tokens.numel()
+        cache_shape = (s.n_layer, keys.shape[1], s.kv_heads, keys.shape[3], s.head_dim) if keys.dim() == 5 else None
+        if not 0 < B <= QUANT_MAX_ROWS or positions.shape != (B,) or rows.shape != (B,) or tokens.shape != (B,):
+            raise ValueError(f"{B} tokens, {tuple(positions.shape)} positions and {tuple(rows.shape)} rows: one each, "
+                             f"at most {QUANT_MAX_ROWS}")
+        if cache_shape is None or tuple(keys.shape) != cache_shape or tuple(values.shape) != cache_shape:
+            raise ValueError(f"a cache of shape {tuple(keys.shape)} / {tuple(values.shape)} for a plan of "
+                             f"{s.n_layer} layers x {s.kv_heads} heads x {s.head_dim}")
+        for t in (keys, values):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
                 raise Unsupported
-            wte = self._embedding(model)
-            wpe = self._tensor(self._module(model._modules, "wpe"), "weight") if model.wpe is not None else None
-            layers = [self._layer(model, i, block) for i, block in enumerate(model.blocks)]
-            nfw, nfb = self._norm(model, "norm_f", c) if model.norm_f is not None else (None, None)
-            cos, sin = (self._tensor(model, n) for n in ("rope_cos", "rope_sin")) if c.pos == "rope" else (0, 0)
-        except Unsupported:
-            return None
-        self.layers = (_Layer * len(layers))(*layers)  # kept alive with the plan
-        return _Plan(wte, wpe, c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.head_dim, c.hidden, c.norm == "rmsnorm",
-                     ACTIVATIONS[c.activation], c.pos == "rope", c.prenorm, c.window or 0, c.norm_eps, cos, sin,
-                     nfw, nfb, ctypes.cast(self.layers, _ptr))
-
-    def _layer(self, model, i: int, block) -> _Layer:
-        c = model.config
-        self._module(model.blocks._modules, str(i))
-        attn = self._module(block._modules, "attn")
-        mlp = self._module(block._modules, "mlp")
-        qn = kn = None
-        if attn.q_norm is not None:
-            qn = self._tensor(self._module(attn._modules, "q_norm"), "weight")
-            kn = self._tensor(self._module(attn._modules, "k_norm"), "weight")
-        return _Layer(*self._norm(block, "norm1", c), *self._norm(block, "norm2", c), qn, kn,
-                      self._linear(attn, "qkv"), self._linear(attn, "proj"), self._linear(mlp, "fc"),
-                      self._linear(mlp, "proj"), i in c.local_layers)
-
-    def _embedding(self, model) -> _Linear:
-        from ..quantize import QuantEmbedding
-
-        wte = self._module(model._modules, "wte")
-        if isinstance(wte, QuantEmbedding) and wte.compute_dtype == torch.float32:
-            q, s = self._tensor(wte, "qweight"), self._tensor(wte, "scales")
-            return _Linear(q, s, None, wte.out_features, wte.in_features, wte.group_size, 8)
-        if type(wte) is nn.Embedding:
-            return _Linear(self._tensor(wte, "weight"), None, None, *wte.weight.shape, 0, 32)
-        raise Unsupported
-
-    def _norm(self, owner, name: str, c) -> tuple[int, int | None]:
-        norm = self._module(owner._modules, name)
-        if not isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) or norm.eps != c.norm_eps:
-            raise Unsupported
-        bias = getattr(norm, "bias", None)
-        return self._tensor(norm, "weight"), self._tensor(norm, "bias") if bias is not None else None
-
-    def _linear(self, owner, name: str) -> _Linear:
-        from ..quantize import QuantLinear
-
-        layer = self._module(owner._modules, name)
-        if not isinstance(layer, (QuantLinear, PackedLinear, nn.Linear)):
-            raise Unsupported
-        bias = self._tensor(layer, "bias") if layer.bias is not None else None
-        if isinstance(layer, QuantLinear) and layer.compute_dtype == torch.float32:
-            q, s = self._tensor(layer, "qweight"), self._tensor(layer, "scales")
-            return _Linear(q, s, bias, layer.out_features, layer.in_features, layer.group_size, layer.bits)
-        if isinstance(layer, (PackedLinear, nn.Linear)):
-            N, K = layer.weight.shape
-            return _Linear(self._tensor(layer, "weight"), None, bias, N, K, 0, 32)
-        raise Unsupported
-
-    def _module(self, holder: dict, key: str) -> nn.Module:
-        module = holder.get(key)
-        if module is None:
-            raise Unsupported
-        self.watched.append((holder, key, module, None))
-        return module
-
-    def _tensor(self, module: nn.Module, key: str) -> int:
-        """The address of a module's parameter, buffer or plain tensor attribute, watched from now on."""
-        holder = next((d for d in (module._parameters, module._buffers, module.__dict__) if key in d), {})
-        t = holder.get(key)
-        if t is None or t.device.type != "cpu" or not t.is_contiguous() or \
-                t.is_floating_point() and t.dtype != (torch.float16 if key == "scales" else torch.float32):
-            raise Unsupported
-        self.watched.append((holder, key, t, t.data_ptr()))
-        return t.data_ptr()
+        tokens, positions, rows = (t.to(torch.int64).contiguous() for t in (tokens, positions, rows))
+        batch, max_len = keys.shape[1], keys.shape[3]
+        if not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab):
+            raise IndexError(f"token ids must be in [0, {self.vocab})")
+        if not (0 <= int(rows.min()) and int(rows.max()) < batch):
+            raise IndexError(f"cache rows must be in [0, {batch})")
+        if not (0 <= int(positions.min()) and int(positions.max()) < min(max_len, s.context)):
+            raise IndexError(f"position {int(positions.max())} is past the cache's {max_len} positions "
+                             f"(context {s.context})")
+        x = torch.empty(B, s.n_embd)
+        failed = _library().decode_step(ctypes.byref(self.plan), tokens.data_ptr(), x.data_ptr(), B,
+                                        positions.data_ptr(), rows.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                        batch, max_len)
+        if failed:
+            raise MemoryError("the native decode step could not allocate its scratch memory") if failed == -1 else \
+                IndexError("the native decode step refused an index out of range")
+        return x

@@ -43,11 +43,11 @@ class Runner:
 
     @property
     def queued(self) -> int:
-        return self.inbox.qsize() + len(self.engine.waiting)
+        return self.inbox.qsize() + self.engine.queued
 
     @property
     def running(self) -> int:
-        return len(self.engine.rows)
+        return self.engine.running
 
     def submit(self, request: Request, on_event: Callable[[Output | Exception], None]) -> None:
         """Queue a request (checked by the engine's rules first: GenerationError); QueueFull when full."""
@@ -100,7 +100,7 @@ class Runner:
     def _take(self) -> None:
         """Move queued requests into the engine while it has free rows; sleep briefly when there is no work."""
         block = not self.engine.has_work()
-        while len(self.engine.rows) + len(self.engine.waiting) < self.engine.max_batch:
+        while self.engine.has_room():
             try:
                 job = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
             except queue.Empty:
@@ -109,7 +109,7 @@ class Runner:
             if job.request.cancelled:
                 continue
             self.jobs[job.request.id] = job
-            self.engine.waiting.append(job.request)
+            self.engine.add(job.request)
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .. import files
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -60,9 +61,7 @@ def plot_losses(metrics: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, png)
+    files.atomic_write(png, lambda path: fig.savefig(path, format="png"))
 
 
 class Progress:

@@ -59,8 +59,9 @@ def start_from(model: GPT, init: str, device: torch.device) -> list:
 
     source = checkpoint.load_model(init, device)
     model.load_state_dict(source.state_dict())
-    model.pruning = source.pruning
-    if not source.pruning or source.pruning.get("method") in ("heads", "channels"):
+    model.records = source.records
+    pruning = source.records.pruning
+    if not pruning or pruning.get("method") in ("heads", "channels"):
         return []
     return [(layer.weight, layer.weight != 0) for layer in block_linears(model).values()]
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import checkpoint
+from .. import checkpoint, files
 from ..data import TokenShards, embedded_corpus, prepare
 from ..data.corpora import CACHE
+from ..errors import GptkitError
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from . import distributed, start
@@ -104,6 +105,11 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.teacher, self.masks = start.build(cfg, self.tokenizer, self.device)
         model_config = self.model.config
+        if resume:  # one whole checkpoint, or which file does not belong to it
+            manifest = checkpoint.verify(self.out)
+            if manifest is not None and STATE_FILE not in manifest["files"]:
+                raise TrainError(f"cannot resume {self.out}: its {STATE_FILE} does not belong to its last checkpoint "
+                                 f"(written at another time)")
         state = read_state(state_path) if resume else None  # read once: checked now, restored below
         if resume:  # weights first: FSDP shards what it is given
             self.check_resumable(state, model_config)
@@ -175,11 +181,11 @@ class Run:
             "data_tokenizer": self.train_data.tokenizer_sha256(),
             "recipe": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
         }
-        files = checkpoint.model_files(self.model, self.tokenizer, state_dict=full)
-        files[STATE_FILE] = lambda p: torch.save(state, p)
+        written = checkpoint.model_files(self.model, self.tokenizer, state_dict=full)
+        written[STATE_FILE] = lambda p: torch.save(state, p)
         try:
-            checkpoint.write_atomically(self.out, files)
-        except (OSError, checkpoint.CheckpointError) as e:
+            files.commit(self.out, written, {"step": self.step})
+        except (OSError, GptkitError) as e:
             raise TrainError(f"could not write the checkpoint at step {self.step}: {e}; {self.last_good()}") from None
         finally:
             distributed.barrier(self.dist)
