@@ -340,3 +340,74 @@ def test_metrics_in_prometheus_format(client):
                  "gptkit_time_per_output_token_seconds_bucket"):
         assert name in text
     assert 'gptkit_requests_total{endpoint="text",outcome="finished"} 1.0' in text
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_a_step_failing_in_prefill_or_decode_hands_back_every_request_it_held(bpe, where):
+    """Before, a prefill that raised lost the requests it had taken from the queue, and a decode pass that raised
+    lost the rows that had just finished in that step: `abort` returned neither, and their clients waited for the
+    request timeout."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-modern", vocab_size=bpe.vocab_size, context=64)).eval()
+    engine = Engine(model, bpe, max_batch=4)
+    one_token = engine.add(Request([5, 6], SamplingParams(max_new_tokens=1, temperature=0)))  # ends in step 1
+    going = engine.add(Request([7, 8, 9], SamplingParams(max_new_tokens=10, temperature=0)))
+
+    def failing(*args):
+        raise RuntimeError(f"injected {where} failure")
+
+    setattr(engine.stepper, where, failing)  # (an instance attribute: the model's cached stepper is shared)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    finally:
+        delattr(engine.stepper, where)
+    assert {r.id for r in engine.abort()} == {one_token.id, going.id}
+    assert not engine.has_work()
+    engine.add(Request([5, 6], SamplingParams(max_new_tokens=3, temperature=0)))
+    assert len([o for _ in range(3) for o in engine.step()]) == 3  # and the engine keeps working
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_row_at_once(lm):
+    """Before, a non-streaming request looked for a disconnected client only after a second without events, so on
+    a busy engine it ran its whole max_tokens for nobody."""
+    import asyncio
+
+    app = create_app(lm, "tiny")
+    with TestClient(app):  # the lifespan (the engine thread) runs
+        engine = app.state.runtime["engine"]
+        real, steps = engine.step, []
+
+        def slow_step():
+            steps.append(1)
+            threading.Event().wait(0.05)  # 60 tokens take 3 s
+            return real()
+
+        engine.step = slow_step
+        body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 60, "temperature": 0}).encode()
+
+        async def hang_up_after_a_few_steps():
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                if messages:
+                    return messages.pop()
+                while len(steps) < 5:
+                    await asyncio.sleep(0.01)
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                pass
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                     "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+                     "client": ("test", 1), "server": ("test", 80)}
+            await app(scope, receive, send)
+
+        asyncio.run(hang_up_after_a_few_steps())
+        for _ in range(100):
+            if not engine.rows:
+                break
+            threading.Event().wait(0.02)
+        assert not engine.rows and len(steps) < 30  # freed within a few steps of the hang-up, not after 60

@@ -47,6 +47,7 @@ class Generation:
     logprobs: int | None = None
     echo: list[str] | None = None  # completions: the prompts' text, to print before the completion
     requests: list[EngineRequest] = field(default_factory=list)
+    gone: bool = False  # the client hung up
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -96,8 +97,10 @@ class Generation:
             try:
                 events = await self.inbox.get_all(timeout=1.0)
             except asyncio.TimeoutError:
-                if await self.http.is_disconnected():
-                    raise asyncio.CancelledError from None
+                events = []
+            if self.gone or not events and await self.http.is_disconnected():
+                raise APIError(499, "the client closed the connection", "client_closed")  # nobody reads it
+            if not events:
                 continue
             batch: dict[int, tuple] = {}
             now = time.perf_counter()
@@ -176,16 +179,27 @@ class Generation:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def watch_disconnect(self) -> None:
+        """A non-streaming client that hangs up frees its rows at once (a streaming response's own listener does
+        this for streams): the request body is read, so the next ASGI message is the disconnect."""
+        while (await self.http.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.cancel()
+        self.inbox.ready.set()  # wake `batches`, which ends the request
+
     async def collect(self) -> dict:
         texts = [self.echo[i // self.body.n] if self.echo else "" for i in range(self.count)]
         finish: list[str | None] = [None] * self.count
         blocks: list[dict | None] = [None] * self.count
         used = 0
+        watcher = asyncio.create_task(self.watch_disconnect())
         try:
             async for batch in self.batches():
                 for i, (text, reason, block, tokens) in batch.items():
                     texts[i], blocks[i], finish[i], used = texts[i] + text, merge(blocks[i], block), reason, used + tokens
         finally:
+            watcher.cancel()
             self.cancel()
         if self.kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": b, "finish_reason": f}
