@@ -234,3 +234,19 @@ def test_beam_search_never_yields_ids_past_the_tokenizer():
     table[:, 5] = 10.0  # the most likely id is a padding row of the vocabulary
     out = beam_search(_Markov(table), [1], 2, 5, vocab_limit=5)
     assert out and max(out) < 5
+
+
+def test_the_stop_string_that_occurs_first_in_the_text_wins():
+    """Before, the first stop string of the list won: stops ["b", "ab"] on "xab" gave "xa"."""
+    tok = Tokenizer.char("xab")
+    det = Detokenizer(tok, stop=("b", "ab"))
+    text = "".join(det.push(t) for t in tok.encode("xab")) + det.finish("length")
+    assert text == "x" and det.finish_reason == "stop"
+
+
+def test_a_stream_ending_inside_a_character_ends_with_the_replacement_character(bpe):
+    """Before, `finish` dropped a final incomplete UTF-8 tail; transformers and tiktoken decode it as U+FFFD."""
+    ids = bpe.encode("aꙮ")[:-1]  # ꙮ is one token per byte here: the stream stops inside it
+    det = Detokenizer(bpe)
+    text = "".join(det.push(t) for t in ids) + det.finish("length")
+    assert text == bpe.decode(ids) and text.startswith("a") and text.endswith("\ufffd")

@@ -185,11 +185,10 @@ class Detokenizer:
 
     def _emit(self, new: str) -> str:
         text = self.pending + new
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                self.pending = text[:at]
-                return self.finish("stop")
+        found = [at for at in (text.find(s) for s in self.stop) if at >= 0]
+        if found:  # the stop string that occurs first in the text, whichever comes first in the list
+            self.pending = text[:min(found)]
+            return self._end("stop")
         # hold back the longest tail that is a prefix of a stop string
         hold = next((k for k in range(min(self.hold, len(text)), 0, -1)
                      if any(s.startswith(text[-k:]) for s in self.stop)), 0)
@@ -197,7 +196,14 @@ class Detokenizer:
         return piece
 
     def finish(self, reason: str) -> str:
-        """End the stream (stop, length): the text held back is sent now."""
+        """End the stream (a stop token, the length): the text held back is sent now, and tokens that end inside a
+        UTF-8 character as U+FFFD (as transformers and tiktoken decode them)."""
+        if not self.done and self.read < len(self.ids):
+            before = self.tokenizer.decode(self.ids[self.start:self.read])
+            self.pending += self.tokenizer.decode(self.ids[self.start:])[len(before):]
+        return self._end(reason)
+
+    def _end(self, reason: str) -> str:
         piece, self.pending = self.pending, ""
         if not self.done:
             self.done, self.finish_reason = True, reason
