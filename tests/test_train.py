@@ -231,3 +231,15 @@ def test_loss_plot_leaves_the_matplotlib_backend_alone(data, tmp_path, monkeypat
     (tmp_path / "m.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 1, "val_loss": 2.1}\n')
     plot_losses(tmp_path / "m.jsonl", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_a_checkpoint_whose_files_come_from_different_steps(data, tmp_path):
+    """Before, the files were renamed one by one: step N+1's weights beside step N's train_state.pt resumed
+    silently. Now a checkpoint is one commit and resume names the file that does not belong."""
+    import shutil
+
+    train(recipe(data, tmp_path / "a", "max_steps=10"), quiet=True)
+    train(recipe(data, tmp_path / "b", "max_steps=20"), quiet=True)
+    shutil.copy(tmp_path / "b" / "train_state.pt", tmp_path / "a" / "train_state.pt")  # step 20's, beside step 10's
+    with pytest.raises(TrainError, match="train_state.pt does not belong to the checkpoint"):
+        train(recipe(data, tmp_path / "a", "max_steps=30"), resume=True, quiet=True)

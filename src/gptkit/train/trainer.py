@@ -106,7 +106,10 @@ class Run:
         self.model, self.teacher, self.masks = start.build(cfg, self.tokenizer, self.device)
         model_config = self.model.config
         if resume:  # one whole checkpoint, or which file does not belong to it
-            manifest = checkpoint.verify(self.out)
+            try:
+                manifest = checkpoint.verify(self.out)
+            except checkpoint.CheckpointError as e:
+                raise TrainError(f"cannot resume: {e}") from None
             if manifest is not None and STATE_FILE not in manifest["files"]:
                 raise TrainError(f"cannot resume {self.out}: its {STATE_FILE} does not belong to its last checkpoint "
                                  f"(written at another time)")
