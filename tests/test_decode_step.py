@@ -149,12 +149,12 @@ def test_the_plan_checks_every_index_and_shape_before_it_touches_memory():
     model = model_for("gpt2")
     plan = fast(model).plan
     cache = model.new_cache(2, 16)
-    ok = dict(tokens=torch.tensor([1]), positions=torch.tensor([0]), rows=torch.tensor([0]))
+    ok = dict(tokens=torch.tensor([1]), positions=torch.tensor([0]), tables=torch.tensor([[0]]))
     with torch.inference_mode():
         plan(**ok, keys=cache.k, values=cache.v)
         for change, message in [(dict(positions=torch.tensor([16])), "past the cache"),
                                 (dict(positions=torch.tensor([-1])), "past the cache"),
-                                (dict(rows=torch.tensor([2])), "cache rows"),
+                                (dict(tables=torch.tensor([[2]])), "cache blocks"),
                                 (dict(tokens=torch.tensor([model.config.vocab_size])), "token ids")]:
             with pytest.raises(IndexError, match=message):
                 plan(**(ok | change), keys=cache.k, values=cache.v)

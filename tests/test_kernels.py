@@ -59,3 +59,21 @@ def test_cpu_signature_closes_proc_cpuinfo(monkeypatch):
     monkeypatch.setattr(kernels, "open", Tracked, raising=False)
     kernels._cpu_signature()
     assert opened and all(f.closed for f in opened)
+
+
+def test_a_compiler_that_fails_is_said_once_with_its_log(tmp_path, monkeypatch, capsys):
+    """Before, a failed build was swallowed with its output discarded: decoding silently ran 2-4x slower."""
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'quant.c:1: error: no such intrinsic' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels._library.cache_clear()
+    try:
+        assert kernels._library() is None and kernels._library() is None  # asked twice, said once
+        err = capsys.readouterr().err
+        assert err.count("the native CPU kernels did not build") == 1
+        log = err.split("compiler output in ")[1].strip()
+        assert "no such intrinsic" in open(log).read()
+    finally:
+        kernels._library.cache_clear()

@@ -14,21 +14,52 @@ from torch import Tensor, nn
 from .config import GPTConfig
 
 
-class KVCache:
-    """Preallocated keys and values for every layer, `batch` rows each at its own length. The generator owns
-    it and advances it; layers only `write` their new keys and values and read the filled part.
+class _Rows:
+    """What every KV cache keeps of its rows: their lengths (on the host, so reading them never waits for the
+    device) and the window of rows a forward pass runs on (`select(start, stop)`: writes through it land here)."""
 
-    `select(start, stop)` is a window of rows (writes through it land here): a decode step runs on the
-    running rows, a batched prefill on the rows just admitted. Row lengths live on the host, so reading
-    them never waits for the device."""
-
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
-        shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, batch: int):
         self.lengths = [0] * batch  # tokens held by each row
         self.window = slice(0, batch)
         self._index: tuple | None = None  # (lengths, T) -> positions [B, T], reused by every layer
+
+    def select(self, start: int, stop: int):
+        view = copy.copy(self)  # shares the buffers and the lengths list
+        view.window, view._index = slice(start, stop), None
+        return view
+
+    def row_lengths(self) -> list[int]:
+        return self.lengths[self.window]
+
+    def rows(self) -> range:
+        return range(*self.window.indices(len(self.lengths)))
+
+    def positions(self, T: int) -> Tensor:
+        """Positions [B, T] of the next T tokens of each row in the window."""
+        lengths = self.row_lengths()
+        if self._index is None or self._index[0] != (lengths, T):
+            pos = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(T, device=self.device)
+            self._index = ((lengths, T), pos)
+        return self._index[1]
+
+    def advance(self, n: int | list[int]) -> None:
+        """Rows of the window hold `n` more tokens (one count for all, or one per row)."""
+        for i, row in enumerate(self.rows()):
+            self.lengths[row] += n if isinstance(n, int) else n[i]
+
+    def set_length(self, row: int, n: int) -> None:
+        self.lengths[row] = n
+
+
+class KVCache(_Rows):
+    """Preallocated keys and values for every layer, `batch` rows of `max_len` positions each. The generator owns
+    it and advances it; layers only `write` their new keys and values and read the filled part."""
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        super().__init__(batch)
+        shape = (config.n_layer, batch, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def batch(self) -> int:
@@ -41,30 +72,6 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.k.device
-
-    def select(self, start: int, stop: int) -> KVCache:
-        view = copy.copy(self)  # shares the buffers and the lengths list
-        view.window, view._index = slice(start, stop), None
-        return view
-
-    def row_lengths(self) -> list[int]:
-        return self.lengths[self.window]
-
-    def positions(self, T: int) -> Tensor:
-        """Positions [B, T] of the next T tokens of each row in the window."""
-        lengths = self.row_lengths()
-        if self._index is None or self._index[0] != (lengths, T):
-            pos = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(T, device=self.device)
-            self._index = ((lengths, T), pos)
-        return self._index[1]
-
-    def advance(self, n: int | list[int]) -> None:
-        """Rows of the window hold `n` more tokens (one count for all, or one per row)."""
-        for i, row in enumerate(range(*self.window.indices(self.batch))):
-            self.lengths[row] += n if isinstance(n, int) else n[i]
-
-    def set_length(self, row: int, n: int) -> None:
-        self.lengths[row] = n
 
     def move_row(self, src: int, dst: int) -> None:
         n = self.lengths[src]
@@ -92,6 +99,53 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
         self.lengths = [self.lengths[i] for i in rows.tolist()]
         self.window = slice(0, len(self.lengths))
+
+
+class PagedKVCache(_Rows):
+    """Keys and values in blocks of `block_size` positions from one pool [n_layer, n_blocks, kv_heads, block_size,
+    d]; row r's position j lives in block `tables[r][j // block_size]`. Whoever owns the cache (the engine) gives
+    rows their blocks before a pass writes there; a block may sit in several rows' tables (a shared prefix)."""
+
+    def __init__(self, config: GPTConfig, rows: int, n_blocks: int, block_size: int, dtype: torch.dtype, device=None):
+        super().__init__(rows)
+        shape = (config.n_layer, n_blocks, config.kv_heads, block_size, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.tables: list[list[int]] = [[] for _ in range(rows)]
+        self.max_len = config.context
+
+    @property
+    def batch(self) -> int:
+        return len(self.tables)
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def block_tables(self, blocks: int) -> Tensor:
+        """The window's first `blocks` table entries [B, blocks] (0 past a row's own blocks: masked or unused)."""
+        return torch.tensor([(self.tables[r] + [0] * blocks)[:blocks] for r in self.rows()], device=self.device)
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        T, bs = k.shape[2], self.block_size
+        if self._index is None or len(self._index) < 3 or self._index[0] != (self.row_lengths(), T):
+            pos = self.positions(T)
+            end = max(self.row_lengths()) + T
+            tables = self.block_tables(-(-end // bs))
+            rows = torch.arange(len(tables), device=k.device)[:, None]
+            self._index = (self._index[0], pos, (tables[rows, pos // bs], pos % bs, tables, end))
+        blocks, offsets, tables, end = self._index[2]
+        self.k[layer][blocks, :, offsets], self.v[layer][blocks, :, offsets] = k.transpose(1, 2), v.transpose(1, 2)
+        B, kv, d = len(tables), self.k.shape[2], self.k.shape[4]
+
+        def gather(pool: Tensor) -> Tensor:  # [B, blocks, kv, bs, d] -> [B, kv, positions, d]
+            return pool[layer][tables].transpose(1, 2).reshape(B, kv, -1, d)[:, :, :end]
+
+        return gather(self.k), gather(self.v)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .kernels.step import DecodePlan, Layer, Shape, Unsupported, Weights
-from .model import GPT, KVCache
+from .model import GPT, KVCache, PagedKVCache
 from .quantize import QuantEmbedding, QuantLinear
 
 
@@ -48,12 +48,15 @@ class NativeStepper(Stepper):
         self.head = self._head()
         self.checked = None  # the cache buffer the model was last checked for (a weak reference)
 
-    def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def decode(self, tokens: Tensor, cache: KVCache | PagedKVCache) -> Tensor:
         if self._native(cache, len(tokens)):
             lengths = cache.row_lengths()
             if max(lengths) < min(self.model.config.context, cache.max_len):  # else the PyTorch path raises why
-                rows = torch.arange(*cache.window.indices(cache.batch))
-                h = self.plan(tokens, torch.tensor(lengths), rows, cache.k, cache.v)
+                if isinstance(cache, PagedKVCache):
+                    tables = cache.block_tables(max(lengths) // cache.block_size + 1)
+                else:  # a contiguous cache is one block a row
+                    tables = torch.tensor(list(cache.rows()))[:, None]
+                h = self.plan(tokens, torch.tensor(lengths), tables, cache.k, cache.v)
                 return self.logits(h)
         return super().decode(tokens, cache)
 

@@ -83,7 +83,7 @@ def _library():
     lib.quant_linear.restype = ctypes.c_int
     lib.quant_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 5
     lib.decode_step.restype = ctypes.c_int
-    lib.decode_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 2
+    lib.decode_step.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     return lib
 
 

@@ -94,27 +94,34 @@ static inline float dot(const float *q, const float *k, long D) {
     return s;
 }
 
-/* y (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of the row */
-static void attend(const float *q, const float *k, const float *v, long from, long to, long D, float *y) {
+typedef struct {
+    float *qkv, *att, *f;                     /* scratch: [M, Q], [M, H * D], [M, F] */
+    const int64_t *pos, *tables;              /* [M], [M, max_blocks]: row m's position j is in block tables[j / bs] */
+    float *kc, *vc;                           /* [n_layer, n_blocks, KV, bs, D] */
+    long M, n_blocks, bs, max_blocks;
+} Step;
+
+/* where position j of row m's key head g of layer l lives in the cache */
+static inline long slot(const Step *s, long l, long m, long g, long KV, long j, long D) {
+    return (((l * s->n_blocks + s->tables[m * s->max_blocks + j / s->bs]) * KV + g) * s->bs + j % s->bs) * D;
+}
+
+/* y (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of row m, key head g */
+static void attend(const Step *s, long l, long m, long g, long KV, const float *q, long from, long to, long D,
+                   float *y) {
     float scores[to - from + 1], top = -INFINITY, total = 0.f, scale = 1.f / sqrtf((float)D);
     for (long j = from; j <= to; j++) {
-        scores[j - from] = dot(q, k + j * D, D) * scale;
+        scores[j - from] = dot(q, s->kc + slot(s, l, m, g, KV, j, D), D) * scale;
         top = fmaxf(top, scores[j - from]);
     }
     for (long j = 0; j <= to - from; j++) total += scores[j] = expf(scores[j] - top);
     for (long i = 0; i < D; i++) y[i] = 0.f;
     for (long j = from; j <= to; j++) {
         float p = scores[j - from] / total;
-        for (long i = 0; i < D; i++) y[i] += p * v[j * D + i];
+        const float *v = s->vc + slot(s, l, m, g, KV, j, D);
+        for (long i = 0; i < D; i++) y[i] += p * v[i];
     }
 }
-
-typedef struct {
-    float *qkv, *att, *f;                     /* scratch: [M, Q], [M, H * D], [M, F] */
-    const int64_t *pos, *rows;
-    float *kc, *vc;
-    long M, batch, max_len;
-} Step;
 
 /* y = attention(x) for the rows of step s: the new keys and values are written into the cache first */
 static int attention(const Plan *p, const Layer *L, long l, const Step *s, const float *x, float *y) {
@@ -127,7 +134,7 @@ static int attention(const Plan *p, const Layer *L, long l, const Step *s, const
             if (p->rope) rope(q + i * D, D, p->cos + s->pos[m] * D, p->sin + s->pos[m] * D);
         }
         for (long g = 0; g < KV; g++) {
-            long at = (((l * s->batch + s->rows[m]) * KV + g) * s->max_len + s->pos[m]) * D;
+            long at = slot(s, l, m, g, KV, s->pos[m], D);
             memcpy(s->kc + at, k + g * D, sizeof(float) * D);
             memcpy(s->vc + at, v + g * D, sizeof(float) * D);
         }
@@ -135,9 +142,8 @@ static int attention(const Plan *p, const Layer *L, long l, const Step *s, const
     #pragma omp parallel for collapse(2) schedule(static)
     for (long m = 0; m < M; m++)
         for (long i = 0; i < H; i++) {
-            long at = ((l * s->batch + s->rows[m]) * KV + i / (H / KV)) * s->max_len * D, to = s->pos[m];
-            long from = L->local && to - p->window + 1 > 0 ? to - p->window + 1 : 0;
-            attend(s->qkv + m * Q + i * D, s->kc + at, s->vc + at, from, to, D, s->att + (m * H + i) * D);
+            long to = s->pos[m], from = L->local && to - p->window + 1 > 0 ? to - p->window + 1 : 0;
+            attend(s, l, m, i / (H / KV), KV, s->qkv + m * Q + i * D, from, to, D, s->att + (m * H + i) * D);
         }
     return linear(&L->proj, s->att, y, M);
 }
@@ -172,15 +178,19 @@ static void embed(const Linear *wte, long t, float *x) {
     for (long k = 0; k < K; k++) x[k] = (float)q[k / 4 * stride + k % 4] * (float)s[k / G * scale_stride];
 }
 
-/* tokens [M]: each row's new token, at position pos[m] of cache row rows[m]; kc / vc are the caches
- * [n_layer, batch, KV, max_len, D]; x [M, E] gets the rows' final hidden states.
- * Returns 0; -1 when memory cannot be had; -2 (nothing touched) when a token, row or position is out of range. */
-int decode_step(const Plan *p, const int64_t *tokens, float *x, long M, const int64_t *pos, const int64_t *rows,
-                float *kc, float *vc, long batch, long max_len) {
-    for (long m = 0; m < M; m++)
-        if (tokens[m] < 0 || tokens[m] >= p->wte.N || rows[m] < 0 || rows[m] >= batch || pos[m] < 0 ||
-            pos[m] >= max_len || pos[m] >= p->context)
+/* tokens [M]: each row's new token, at position pos[m] of its row; the caches kc / vc are blocks [n_layer, n_blocks,
+ * KV, bs, D] and row m's position j is in block tables[m * max_blocks + j / bs] (a contiguous cache [n_layer, batch,
+ * KV, max_len, D] is one block a row: bs = max_len, tables[m] = its row). x [M, E] gets the rows' final hidden states.
+ * Returns 0; -1 when memory cannot be had; -2 (nothing touched) when a token, position or block is out of range. */
+int decode_step(const Plan *p, const int64_t *tokens, float *x, long M, const int64_t *pos, const int64_t *tables,
+                float *kc, float *vc, long n_blocks, long bs, long max_blocks) {
+    for (long m = 0; m < M; m++) {
+        if (tokens[m] < 0 || tokens[m] >= p->wte.N || pos[m] < 0 || pos[m] >= p->context ||
+            pos[m] / bs >= max_blocks)
             return -2;
+        for (long b = 0; b <= pos[m] / bs; b++)
+            if (tables[m * max_blocks + b] < 0 || tables[m * max_blocks + b] >= n_blocks) return -2;
+    }
     for (long m = 0; m < M; m++) {
         embed(&p->wte, tokens[m], x + m * p->E);
         if (p->wpe)
@@ -190,7 +200,8 @@ int decode_step(const Plan *p, const int64_t *tokens, float *x, long M, const in
     float *h = malloc(sizeof(float) * M * (2 * E + Q + p->H * p->D + F));
     if (!h) return -1;
     float *y = h + M * E;
-    Step s = {y + M * E, y + M * E + M * Q, y + M * E + M * Q + M * p->H * p->D, pos, rows, kc, vc, M, batch, max_len};
+    Step s = {y + M * E, y + M * E + M * Q, y + M * E + M * Q + M * p->H * p->D, pos, tables, kc, vc, M, n_blocks, bs,
+              max_blocks};
     int failed = 0;
     for (long l = 0; l < p->n_layer && !failed; l++) {
         const Layer *L = p->layers + l;

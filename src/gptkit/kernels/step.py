@@ -156,33 +156,37 @@ class DecodePlan:
                           s.rmsnorm, ACTIVATIONS[s.activation], s.rope, s.prenorm, s.window, s.eps, cos, sin, nfw, nfb,
                           ctypes.cast(self.layers, _ptr))
 
-    def __call__(self, tokens: Tensor, positions: Tensor, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """Final hidden states [B, n_embd] of one new token a row: token b at position positions[b] of cache row
-        rows[b]; its key and value are written into keys / values [n_layer, batch, kv_heads, max_len, head_dim]."""
+    def __call__(self, tokens: Tensor, positions: Tensor, tables: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Final hidden states [B, n_embd] of one new token a row: token b at position positions[b] of its row, whose
+        position j lives in block tables[b, j // block_size] of keys / values [n_layer, n_blocks, kv_heads,
+        block_size, head_dim] (a contiguous cache is one block a row); the new key and value are written there."""
         s, B = self.shape, tokens.numel()
-        cache_shape = (s.n_layer, keys.shape[1], s.kv_heads, keys.shape[3], s.head_dim) if keys.dim() == 5 else None
-        if not 0 < B <= QUANT_MAX_ROWS or positions.shape != (B,) or rows.shape != (B,) or tokens.shape != (B,):
-            raise ValueError(f"{B} tokens, {tuple(positions.shape)} positions and {tuple(rows.shape)} rows: one each, "
-                             f"at most {QUANT_MAX_ROWS}")
-        if cache_shape is None or tuple(keys.shape) != cache_shape or tuple(values.shape) != cache_shape:
+        if not 0 < B <= QUANT_MAX_ROWS or tokens.shape != (B,) or positions.shape != (B,) or tables.dim() != 2 \
+                or tables.shape[0] != B:
+            raise ValueError(f"{tuple(tokens.shape)} tokens, {tuple(positions.shape)} positions and "
+                             f"{tuple(tables.shape)} block tables: one row each, at most {QUANT_MAX_ROWS}")
+        expected = (s.n_layer, keys.shape[1], s.kv_heads, keys.shape[3], s.head_dim) if keys.dim() == 5 else None
+        if expected is None or tuple(keys.shape) != expected or tuple(values.shape) != expected:
             raise ValueError(f"a cache of shape {tuple(keys.shape)} / {tuple(values.shape)} for a plan of "
                              f"{s.n_layer} layers x {s.kv_heads} heads x {s.head_dim}")
         for t in (keys, values):
             if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
                 raise Unsupported
-        tokens, positions, rows = (t.to(torch.int64).contiguous() for t in (tokens, positions, rows))
-        batch, max_len = keys.shape[1], keys.shape[3]
+        tokens, positions, tables = (t.to(torch.int64).contiguous() for t in (tokens, positions, tables))
+        n_blocks, block_size, max_blocks = keys.shape[1], keys.shape[3], tables.shape[1]
         if not (0 <= int(tokens.min()) and int(tokens.max()) < self.vocab):
             raise IndexError(f"token ids must be in [0, {self.vocab})")
-        if not (0 <= int(rows.min()) and int(rows.max()) < batch):
-            raise IndexError(f"cache rows must be in [0, {batch})")
-        if not (0 <= int(positions.min()) and int(positions.max()) < min(max_len, s.context)):
-            raise IndexError(f"position {int(positions.max())} is past the cache's {max_len} positions "
+        last = int(positions.max())
+        if int(positions.min()) < 0 or last >= min(max_blocks * block_size, s.context):
+            raise IndexError(f"position {last} is past the cache's {max_blocks * block_size} positions a row "
                              f"(context {s.context})")
+        used = torch.arange(max_blocks) <= (positions // block_size)[:, None]
+        if used.any() and not (0 <= int(tables[used].min()) and int(tables[used].max()) < n_blocks):
+            raise IndexError(f"cache blocks must be in [0, {n_blocks})")
         x = torch.empty(B, s.n_embd)
         failed = _library().decode_step(ctypes.byref(self.plan), tokens.data_ptr(), x.data_ptr(), B,
-                                        positions.data_ptr(), rows.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                                        batch, max_len)
+                                        positions.data_ptr(), tables.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                        n_blocks, block_size, max_blocks)
         if failed:
             raise MemoryError("the native decode step could not allocate its scratch memory") if failed == -1 else \
                 IndexError("the native decode step refused an index out of range")
