@@ -215,11 +215,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(client, 
     engine = client.app.state.runtime["engine"]
     real, calls = engine._sample, []
 
-    def flaky():
+    def flaky(*args):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected device error")
-        return real()
+        return real(*args)
 
     monkeypatch.setattr(engine, "_sample", flaky)
     r = completion(client)
@@ -411,3 +411,21 @@ def test_a_non_streaming_client_that_hangs_up_frees_its_row_at_once(lm):
                 break
             threading.Event().wait(0.02)
         assert not engine.rows and len(steps) < 30  # freed within a few steps of the hang-up, not after 60
+
+
+def test_the_kv_budget_is_on_metrics_and_a_prompt_past_it_is_a_400(lm):
+    per_token = 2 * lm.model.config.n_layer * lm.model.config.kv_heads * lm.model.config.head_dim * 4
+    with TestClient(create_app(lm, "tiny", kv_memory=48 * per_token)) as c:  # 3 blocks of 16
+        assert completion(c, max_tokens=5).status_code == 200
+        text = c.get("/metrics").text
+        assert "gptkit_kv_blocks 3.0" in text and "gptkit_kv_blocks_in_use 0.0" in text
+        r = completion(c, prompt=[1] * 40, max_tokens=20)
+        assert r.status_code == 400 and "KV cache's whole budget of 48 tokens" in r.json()["error"]["message"]
+
+
+def test_serve_takes_a_kv_memory_size(tmp_path):
+    from gptkit.cli.run import byte_size
+
+    assert byte_size("2G") == 2 << 30 and byte_size("512M") == 512 << 20 and byte_size("1000") == 1000
+    with pytest.raises(Exception, match="a size like 2G"):
+        byte_size("lots")

@@ -1,8 +1,9 @@
-"""The one decoding engine. Requests are decoded together: each running request owns one row of a shared KV
-cache, newly admitted prompts are prefilled in one batched pass, and every step runs one forward pass for all
-rows. `LM.generate` / `LM.stream`, `ChatSession` and the HTTP server all run on it (the server from a thread
-of its own, see `serve/runner.py`); one stop policy (stop ids, stop strings, max tokens, context end) holds
-for all of them.
+"""The one decoding engine. Requests are decoded together: each running request owns one row of a paged KV cache
+(blocks from one pool under a memory budget, `blocks.py`), starting from the longest prefix of its prompt already
+in the cache; prompts are prefilled in chunks between decoding steps, so a long prompt never stalls the running
+rows for long, and every step runs one forward pass for all decoding rows. `LM.generate` / `LM.stream`,
+`ChatSession` and the HTTP server all run on it (the server from a thread of its own, see `serve/runner.py`); one
+stop policy (stop ids, stop strings, max tokens, context end) holds for all of them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import torch
 from torch import Tensor
 
 from . import native
+from .blocks import BlockPool, block_hashes
 from .generate import (SEED_RANGE, Detokenizer, GenerationError, SamplingParams, apply_penalties, beam_search,
                        check_fits, sample)
-from .model import GPT
+from .model import GPT, PagedKVCache
 from .tokenizer import Tokenizer
+
+BLOCK_SIZE = 16  # positions a KV block holds (vLLM's default)
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, between decoding steps
+DEFAULT_KV_MEMORY = 1 << 30  # bytes of keys and values a server keeps, unless told otherwise
 
 
 @dataclass(eq=False)
@@ -57,7 +63,11 @@ class _Row:
     detok: Detokenizer | None
     generator: torch.Generator | None
     prompt: Tensor  # for the penalties
+    reserved: int  # blocks it may still take (its worst case, held back from other requests)
+    names: list[bytes]  # the names of its full blocks so far (blocks.py)
     output: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the cache
+    logits: Tensor | None = None  # next-token logits once the prompt is in
 
 
 def row_seed(seed: int | None, index: int) -> int | None:
@@ -65,19 +75,38 @@ def row_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % (SEED_RANGE[1] + 1)
 
 
-class Engine:
-    """Rows of a KV cache decoded step by step. Not thread-safe: one thread calls `add` and `step`."""
+def kv_bytes_per_token(model: GPT) -> int:
+    c = model.config
+    return 2 * c.n_layer * c.kv_heads * c.head_dim * torch.empty(0, dtype=model.dtype).element_size()
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16, max_len: int | None = None):
+
+class Engine:
+    """Rows of a paged KV cache decoded step by step. Not thread-safe: one thread calls `add` and `step`.
+    `kv_memory`: bytes for keys and values (default: enough for `max_batch` rows of `max_len`, at most
+    DEFAULT_KV_MEMORY); a request is admitted once its worst case (prompt + max_new_tokens) fits beside the
+    running ones, and waits in the queue until then."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16, max_len: int | None = None,
+                 kv_memory: int | None = None, block_size: int = BLOCK_SIZE, prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.stepper = native.stepper(self.model)
-        self.cache = model.new_cache(max_batch, min(max_len or model.config.context, model.config.context))
+        self.max_len = min(max_len or model.config.context, model.config.context)
+        per_block = kv_bytes_per_token(model) * block_size
+        blocks = -(-self.max_len // block_size) * max_batch
+        if kv_memory is None:
+            kv_memory = min(blocks * per_block, DEFAULT_KV_MEMORY)
+        n_blocks = kv_memory // per_block
+        if n_blocks < 1:
+            raise GenerationError(f"a KV memory of {kv_memory:,} bytes holds no block of {block_size} tokens "
+                                  f"({per_block:,} bytes)")
+        self.pool = BlockPool(n_blocks)
+        self.cache = PagedKVCache(model.config, max_batch, n_blocks, block_size, model.dtype, model.device)
+        self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.vocab = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
         self.rows: list[_Row] = []  # row i of the cache
         self.waiting: deque[Request] = deque()
-        self.logits: Tensor | None = None  # next-token logits of every row [rows, V]
         self.max_rows = 0  # the widest step so far (observability, tests)
-        self.in_step: list[Request] = []  # requests the current step took out of rows or waiting (for `abort`)
+        self.in_step: list[Request] = []  # requests the current step took out of rows (for `abort`)
 
     @property
     def max_batch(self) -> int:
@@ -92,8 +121,16 @@ class Engine:
         return len(self.waiting)
 
     def has_room(self) -> bool:
-        """Whether a request added now would start at the next step."""
+        """Whether the engine takes another request into its queue now (it starts once its blocks are free)."""
         return len(self.rows) + len(self.waiting) < self.max_batch
+
+    def kv_stats(self) -> dict:
+        return {"blocks": self.pool.n_blocks, "blocks_in_use": self.pool.in_use, "block_size": self.block_size,
+                "evictions": self.pool.evictions, "reused_blocks": self.pool.reused_blocks,
+                "bytes": self.pool.n_blocks * self.block_size * kv_bytes_per_token(self.model)}
+
+    def _worst_case(self, request: Request) -> int:
+        return -(-(len(request.prompt) + request.params.max_new_tokens) // self.block_size)
 
     def check(self, request: Request) -> None:
         """Raise GenerationError for a request this engine cannot run as asked."""
@@ -108,9 +145,12 @@ class Engine:
         if p.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
         check_fits(self.model, len(prompt), p.max_new_tokens)
-        if len(prompt) + p.max_new_tokens > self.cache.max_len:
+        if len(prompt) + p.max_new_tokens > self.max_len:
             raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceeds this "
-                                  f"engine's rows of {self.cache.max_len} tokens")
+                                  f"engine's rows of {self.max_len} tokens")
+        if self._worst_case(request) > self.pool.n_blocks:
+            raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceeds the "
+                                  f"KV cache's whole budget of {self.pool.n_blocks * self.block_size} tokens")
 
     def add(self, request: Request) -> Request:
         self.check(request)
@@ -121,23 +161,28 @@ class Engine:
         return bool(self.rows or self.waiting)
 
     def step(self) -> list[Output]:
-        """Admit waiting requests (one batched prefill), sample the next token of every row, then run one
-        forward pass for the rows still going."""
+        """Admit waiting requests whose blocks fit, prefill up to `prefill_chunk` prompt tokens, sample the next
+        token of every row whose prompt is in, then run one forward pass for the rows still going."""
         self.in_step = []
         with torch.inference_mode():
             self._drop_cancelled()
             self._admit()
-            if not self.rows:
+            self._prefill()
+            ready = [i for i, row in enumerate(self.rows) if row.logits is not None]
+            if not ready:
                 return []
-            self.max_rows = max(self.max_rows, len(self.rows))
-            tokens = self._sample()
-            logprobs = self._logprobs(tokens)
-            outputs = [self._emit(row, t, lp) for row, t, lp in zip(self.rows, tokens, logprobs)]
-            going = [i for i, o in enumerate(outputs) if o.finish_reason is None]
-            self.in_step = [self.rows[i].request for i, o in enumerate(outputs) if o.finish_reason is not None]
-            self._keep(going)
-            if self.rows:
-                self._decode([tokens[i] for i in going])
+            self.max_rows = max(self.max_rows, len(ready))
+            rows = [self.rows[i] for i in ready]
+            logits = torch.stack([row.logits for row in rows])
+            tokens = self._sample(rows, logits)
+            logprobs = self._logprobs(rows, logits, tokens)
+            outputs = [self._emit(row, t, lp) for row, t, lp in zip(rows, tokens, logprobs)]
+            done = {id(row) for row, o in zip(rows, outputs) if o.finish_reason is not None}
+            self.in_step = [row.request for row in rows if id(row) in done]
+            going = [(row, t) for row, t in zip(rows, tokens) if id(row) not in done]
+            self._free([i for i, row in enumerate(self.rows) if id(row) in done])
+            if going:
+                self._decode(going)
         self.in_step = []
         return outputs
 
@@ -145,73 +190,121 @@ class Engine:
         """Drop every request of the engine after a failed step, and return them: running, waiting, and those the
         failed step finished (their outputs never left it). The engine stays usable."""
         dropped = [row.request for row in self.rows] + list(self.waiting) + self.in_step
-        self.rows, self.logits, self.in_step = [], None, []
+        self._free(list(range(len(self.rows))))
+        self.in_step = []
         self.waiting.clear()
-        for i in range(self.cache.batch):
-            self.cache.set_length(i, 0)
         return dropped
 
     # --- one step -------------------------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        keep = [i for i, row in enumerate(self.rows) if not row.request.cancelled]
-        if len(keep) < len(self.rows):
-            self.logits = self.logits[keep]
-            self._keep(keep)
+        self._free([i for i, row in enumerate(self.rows) if row.request.cancelled])
+
+    def _free(self, gone: list[int]) -> None:
+        """Give rows `gone` back: their blocks return to the pool, the others keep their order in rows 0..n-1."""
+        if not gone:
+            return
+        cache, gone = self.cache, set(gone)
+        for i in gone:
+            for block in cache.tables[i]:
+                self.pool.release(block)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        tables, lengths = [cache.tables[i] for i in keep], [cache.lengths[i] for i in keep]
+        for dst in range(len(self.rows)):
+            cache.tables[dst] = tables[dst] if dst < len(keep) else []
+            cache.lengths[dst] = lengths[dst] if dst < len(keep) else 0
+        self.rows = [self.rows[i] for i in keep]
+
+    def _available(self) -> int:
+        return self.pool.available() - sum(row.reserved for row in self.rows)
 
     def _admit(self) -> None:
-        # taken from the queue only once their prefill has run: a prefill that raises leaves them for `abort`
-        new = list(itertools.islice(self.waiting, max(0, self.cache.batch - len(self.rows))))
-        if not new:
-            return
-        n, lengths = len(self.rows), [len(r.prompt) for r in new]
-        device = self.cache.device
-        T = max(lengths)  # right-padded: each row's own tokens come first, its padding is never attended to
-        idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in new], device=device)
-        h = self.stepper.prefill(idx, self.cache.select(n, n + len(new)))
-        logits = self.stepper.logits(h[torch.arange(len(new), device=device), torch.tensor(lengths, device=device) - 1])
-        for _ in new:
+        """Start waiting requests in order while rows are free and their worst case fits the budget; each starts
+        from the longest cached prefix of its prompt (at least its last token is computed, for its logits)."""
+        while self.waiting and len(self.rows) < self.cache.batch:
+            request = self.waiting[0]
+            names = block_hashes(request.prompt[:-1], self.block_size)
+            hits = self.pool.cached_prefix(names)
+            need = self._worst_case(request) - hits
+            if need > self._available() - self.pool.idle_among(names[:hits]):
+                return  # it waits for blocks; the requests behind it wait their turn
             self.waiting.popleft()
-        for i, length in enumerate(lengths):
-            self.cache.set_length(n + i, length)
-        for r in new:
-            seed = r.params.seed
-            detok = Detokenizer(self.tokenizer, r.params.stop, r.stop_ids) if self.tokenizer is not None else None
+            shared = self.pool.cached(names[:hits])
+            slot = len(self.rows)
+            self.cache.tables[slot], self.cache.lengths[slot] = list(shared), len(shared) * self.block_size
+            seed, device = request.params.seed, self.cache.device
+            detok = Detokenizer(self.tokenizer, request.params.stop, request.stop_ids) if self.tokenizer else None
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-            self.rows.append(_Row(r, detok, gen, torch.tensor(r.prompt, device=device)))
-        self.logits = logits if self.logits is None or n == 0 else torch.cat([self.logits, logits])
+            self.rows.append(_Row(request, detok, gen, torch.tensor(request.prompt, device=device), need,
+                                  names[:hits], prefilled=len(shared) * self.block_size))
 
-    def _sample(self) -> list[int]:
+    def _grow(self, slot: int, row: _Row, length: int) -> None:
+        """Blocks for row `slot` to hold `length` positions (taken from its reservation)."""
+        table = self.cache.tables[slot]
+        while len(table) * self.block_size < length:
+            table.append(self.pool.allocate())
+            row.reserved -= 1
+
+    def _remember(self, slot: int, row: _Row, tokens: list[int]) -> None:
+        """Name the row's blocks that are full now (their contents are `tokens`' prefix), for later requests."""
+        full, known = len(tokens) // self.block_size, len(row.names)
+        if full > known:
+            parent = row.names[-1] if row.names else b""
+            row.names += block_hashes(tokens[known * self.block_size:full * self.block_size], self.block_size, parent)
+            for block, name in zip(self.cache.tables[slot][known:full], row.names[known:]):
+                self.pool.remember(block, name)
+
+    def _prefill(self) -> None:
+        """Up to `prefill_chunk` prompt tokens into the cache, rows in order; a row whose prompt is complete gets
+        the logits of its last token. (A row is taken from the queue only once its blocks are reserved, and a
+        prefill that raises leaves the rows in place for `abort`.)"""
+        budget = self.prefill_chunk
+        for slot, row in enumerate(self.rows):
+            prompt = row.request.prompt
+            if row.logits is not None or budget <= 0:
+                continue
+            chunk = prompt[row.prefilled:row.prefilled + budget]
+            budget -= len(chunk)
+            self._grow(slot, row, row.prefilled + len(chunk))
+            view = self.cache.select(slot, slot + 1)
+            h = self.stepper.prefill(torch.tensor([chunk], device=self.cache.device), view)
+            row.prefilled += len(chunk)
+            self.cache.lengths[slot] = row.prefilled
+            self._remember(slot, row, prompt[:row.prefilled])
+            if row.prefilled == len(prompt):
+                row.logits = self.stepper.logits(h[0, -1])
+
+    def _sample(self, rows: list[_Row], logits: Tensor) -> list[int]:
         """Next token of every row. Rows with the same settings and no seed of their own share one call."""
-        logits = self.logits[:, :self.vocab]  # never an id the tokenizer lacks (padded model vocabularies)
-        penalized = [i for i, row in enumerate(self.rows) if row.request.params.penalized]
+        logits = logits[:, :self.vocab]  # never an id the tokenizer lacks (padded model vocabularies)
+        penalized = [i for i, row in enumerate(rows) if row.request.params.penalized]
         if penalized:
             logits = logits.clone()
             for i in penalized:
-                row = self.rows[i]
+                row = rows[i]
                 out = torch.tensor(row.output, dtype=torch.long, device=logits.device)
                 logits[i] = apply_penalties(logits[i], row.prompt, out, row.request.params)
         groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(rows):
             p = row.request.params
             key = (p.temperature, p.top_k, p.top_p, p.min_p) if row.generator is None else ("seeded", i)
             groups.setdefault(key, []).append(i)
-        tokens = [0] * len(self.rows)
-        for rows in groups.values():
-            p, gen = self.rows[rows[0]].request.params, self.rows[rows[0]].generator
-            picked = logits if len(rows) == len(self.rows) else logits[rows]
-            for i, t in zip(rows, sample(picked, p.temperature, p.top_k, p.top_p, p.min_p, gen).tolist()):
+        tokens = [0] * len(rows)
+        for members in groups.values():
+            p, gen = rows[members[0]].request.params, rows[members[0]].generator
+            picked = logits if len(members) == len(rows) else logits[members]
+            for i, t in zip(members, sample(picked, p.temperature, p.top_k, p.top_p, p.min_p, gen).tolist()):
                 tokens[i] = t
         return tokens
 
-    def _logprobs(self, tokens: list[int]) -> list[TokenLogprob | None]:
-        wanted = [i for i, row in enumerate(self.rows) if row.request.params.logprobs is not None]
-        result: list[TokenLogprob | None] = [None] * len(self.rows)
+    def _logprobs(self, rows: list[_Row], logits: Tensor, tokens: list[int]) -> list[TokenLogprob | None]:
+        wanted = [i for i, row in enumerate(rows) if row.request.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(rows)
         if not wanted:
             return result
-        lp = self.logits[wanted, :self.vocab].float().log_softmax(-1)
+        lp = logits[wanted, :self.vocab].float().log_softmax(-1)
         for j, i in enumerate(wanted):
-            k = self.rows[i].request.params.logprobs
+            k = rows[i].request.params.logprobs
             top = lp[j].topk(k) if k else None
             result[i] = TokenLogprob(tokens[i], lp[j, tokens[i]].item(),
                                      list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
@@ -223,31 +316,33 @@ class Engine:
         text = detok.push(token) if detok is not None else ""
         finish = "stop" if (detok.done if detok is not None else token in r.stop_ids) else None
         position = len(r.prompt) + len(row.output)  # where this token goes in the cache
-        if finish is None and (len(row.output) >= r.params.max_new_tokens or position >= self.cache.max_len):
+        if finish is None and (len(row.output) >= r.params.max_new_tokens or position >= self.max_len):
             finish = "length"
             text += detok.finish("length") if detok is not None else ""
         return Output(r, text, token, logprob, finish, len(row.output))
 
-    def _keep(self, keep: list[int]) -> None:
-        """Keep rows `keep` (in order) in cache rows 0..len(keep)-1; free the others."""
-        for dst, src in enumerate(keep):
-            if src != dst:
-                self.cache.move_row(src, dst)
-        for i in range(len(keep), len(self.rows)):
-            self.cache.set_length(i, 0)
-        self.rows = [self.rows[i] for i in keep]
-
-    def _decode(self, tokens: list[int]) -> None:
-        view = self.cache.select(0, len(self.rows))
-        self.logits = self.stepper.decode(torch.tensor(tokens, device=self.cache.device), view)
+    def _decode(self, going: list[tuple[_Row, int]]) -> None:
+        """One forward pass for the rows that sampled and go on (they are rows 0..n-1: the prefilling ones follow)."""
+        slots = {id(row): i for i, row in enumerate(self.rows)}
+        order = [slots[id(row)] for row, _ in going]
+        assert order == list(range(len(order))), "decoding rows come first"
+        for slot, (row, _) in enumerate(going):
+            self._grow(slot, row, self.cache.lengths[slot] + 1)
+        view = self.cache.select(0, len(going))
+        logits = self.stepper.decode(torch.tensor([t for _, t in going], device=self.cache.device), view)
         view.advance(1)
+        for slot, ((row, _), row_logits) in enumerate(zip(going, logits)):
+            row.logits = row_logits
+            self._remember(slot, row, row.request.prompt + row.output)
 
 
 def engine_for(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], params: SamplingParams,
           stop_ids: tuple[int, ...]) -> tuple[Engine, list[Request]]:
     """An engine sized for `prompts`, holding one request each (checked now); prompt i gets the seed
     `seed + i`."""
-    engine = Engine(model, tokenizer, len(prompts), max(map(len, prompts)) + params.max_new_tokens)
+    longest = max(map(len, prompts)) + params.max_new_tokens
+    blocks = sum(-(-(len(p) + params.max_new_tokens) // BLOCK_SIZE) for p in prompts)
+    engine = Engine(model, tokenizer, len(prompts), longest, kv_memory=blocks * BLOCK_SIZE * kv_bytes_per_token(model))
     return engine, [engine.add(Request(p, dataclasses.replace(params, seed=row_seed(params.seed, i)), stop_ids))
                     for i, p in enumerate(prompts)]
 

@@ -32,7 +32,7 @@ def default_max_queue() -> int:
 
 
 def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int | None = None, request_timeout: float = 600) -> FastAPI:
+               max_queue: int | None = None, request_timeout: float = 600, kv_memory: int | None = None) -> FastAPI:
     """The app serving `lm` as `model_name`. The engine thread starts with the app and stops with it."""
     state: dict = {}
     tokenizer, context = lm.tokenizer, lm.model.config.context
@@ -40,9 +40,9 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         mailroom = Mailroom()
-        runner = Runner(Engine(lm.model, tokenizer, max_batch), max_queue or default_max_queue(), request_timeout,
-                        after_step=mailroom.deliver)
-        metrics = Metrics(lambda: runner.queued, lambda: runner.running)
+        engine = Engine(lm.model, tokenizer, max_batch, kv_memory=kv_memory)
+        runner = Runner(engine, max_queue or default_max_queue(), request_timeout, after_step=mailroom.deliver)
+        metrics = Metrics(lambda: runner.queued, lambda: runner.running, engine.kv_stats)
         state.update(runner=runner, engine=runner.engine, metrics=metrics,
                      server=Server(runner, mailroom, metrics, tokenizer, model_name, context))
         yield

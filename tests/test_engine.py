@@ -1,0 +1,101 @@
+"""The engine's paged KV cache: blocks under a budget, prefix reuse, chunked prefill; every path gives the tokens
+that one request decoded alone gives."""
+
+import pytest
+import torch
+
+from gptkit import GPT, SamplingParams, native, preset
+from gptkit.engine import Engine, Request, generate_tokens
+from gptkit.generate import GenerationError
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(preset("tiny-modern", vocab_size=300, context=256)).eval()
+
+
+def run(engine: Engine, prompts: list[list[int]], new: int = 12, each_step=None) -> list[list[int]]:
+    requests = [engine.add(Request(p, SamplingParams(max_new_tokens=new, temperature=0))) for p in prompts]
+    out = {r.id: [] for r in requests}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request.id].append(o.token)
+        if each_step:
+            each_step(engine)
+    return [out[r.id] for r in requests]
+
+
+def alone(model, prompt, new=12):
+    return generate_tokens(model, [prompt], SamplingParams(max_new_tokens=new, temperature=0))[0]
+
+
+def prompts(n, length, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 300, (length + 7 * i,), generator=g).tolist() for i in range(n)]
+
+
+def test_rows_on_blocks_decode_as_each_prompt_alone(model):
+    ps = prompts(4, 21)
+    assert run(Engine(model, max_batch=4, block_size=8), ps) == [alone(model, p) for p in ps]
+
+
+def test_the_native_step_through_block_tables_equals_the_pytorch_path(model):
+    ps = prompts(3, 30)
+    engine = Engine(model, max_batch=3, block_size=8)
+    assert isinstance(engine.stepper, native.NativeStepper) and engine.stepper.plan is not None
+    torch_engine = Engine(model, max_batch=3, block_size=8)
+    torch_engine.stepper = native.Stepper(model)
+    assert run(engine, ps, 20) == run(torch_engine, ps, 20)
+
+
+def test_a_prompt_seen_before_reuses_its_blocks_and_gives_the_same_tokens(model):
+    system = prompts(1, 40)[0]
+    engine = Engine(model, max_batch=2, block_size=8)
+    first = run(engine, [system + [5, 6, 7]])
+    assert engine.pool.reused_blocks == 0
+    second = run(engine, [system + [9, 10]])  # another user, the same system prompt
+    assert engine.pool.reused_blocks == 40 // 8  # every full block of the shared prefix
+    assert first == [alone(model, system + [5, 6, 7])] and second == [alone(model, system + [9, 10])]
+    turn2 = system + [5, 6, 7] + first[0] + [11]  # a chat client resends the whole conversation
+    reused = engine.pool.reused_blocks
+    assert run(engine, [turn2]) == [alone(model, turn2)]
+    assert engine.pool.reused_blocks - reused == (len(turn2) - 1) // 8  # its history, the reply's blocks too
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(model):
+    short, long = prompts(1, 5)[0], prompts(1, 150, seed=2)[0]
+    engine = Engine(model, max_batch=2, block_size=8, prefill_chunk=32)
+    engine.add(Request(short, SamplingParams(max_new_tokens=30, temperature=0)))
+    engine.step()  # the short one runs
+    engine.add(Request(long, SamplingParams(max_new_tokens=4, temperature=0)))
+    steps_with_a_token = 0
+    while engine.rows[-1].logits is None or len(engine.rows) < 2:  # the long prompt still being prefilled
+        outputs = engine.step()
+        steps_with_a_token += any(o.request.prompt == short for o in outputs)
+    assert steps_with_a_token >= 150 // 32  # the running row got a token in every step of the long prefill
+    chunked = Engine(model, max_batch=1, block_size=8, prefill_chunk=16)
+    assert run(chunked, [long], 8) == [alone(model, long, 8)]
+
+
+def test_requests_wait_for_blocks_under_a_small_budget_and_all_finish(model):
+    per_block = 2 * model.config.n_layer * model.config.kv_heads * model.config.head_dim * 4 * 8
+    engine = Engine(model, max_batch=4, block_size=8, kv_memory=10 * per_block)  # 80 positions for 4 rows
+    ps = prompts(4, 20)
+    most = []
+    out = run(engine, ps, 12, each_step=lambda e: most.append(e.pool.in_use - len(e.pool.idle)))
+    assert out == [alone(model, p) for p in ps]
+    assert max(most) <= 10 and engine.max_rows < 4  # never more blocks than the budget: some waited
+    assert all(r == 0 for r in engine.pool.refs)  # every block given back
+    with pytest.raises(GenerationError, match="exceeds the KV cache's whole budget of 80 tokens"):
+        engine.add(Request(list(range(70)), SamplingParams(max_new_tokens=20)))
+
+
+def test_an_evicted_prefix_is_computed_again(model):
+    per_block = 2 * model.config.n_layer * model.config.kv_heads * model.config.head_dim * 4 * 8
+    engine = Engine(model, max_batch=1, block_size=8, kv_memory=8 * per_block)
+    a, b = prompts(2, 33, seed=3)
+    run(engine, [a])
+    run(engine, [b])  # needs the blocks a left cached: they are evicted
+    assert engine.pool.evictions > 0
+    assert run(engine, [a]) == [alone(model, a)]
