@@ -203,20 +203,27 @@ def test_sampling_follows_the_softmax_distribution():
 
 
 class _Markov:
-    """A stand-in model whose next-token logits depend only on the last token (beam search's interface)."""
+    """A stand-in model and stepper whose next-token logits depend only on the last token (beam search's
+    interface: a stepper's prefill / decode / logits, and its model's config and new_cache)."""
 
     def __init__(self, table):
         from types import SimpleNamespace
 
-        self.table, self.config = table, SimpleNamespace(context=64)
+        self.table, self.config, self.model = table, SimpleNamespace(context=64), self
 
     def new_cache(self, batch, max_len):
         from types import SimpleNamespace
 
         return SimpleNamespace(device="cpu", advance=lambda n: None, reorder=lambda rows: None)
 
-    def __call__(self, ids, cache, last_only=False):
-        return self.table[ids[:, -1]][:, None, :]
+    def prefill(self, ids, cache):
+        return ids[..., None]  # "hidden states": the tokens themselves
+
+    def logits(self, h):
+        return self.table[h[:, 0]]
+
+    def decode(self, tokens, cache):
+        return self.table[tokens]
 
 
 def test_beam_search_does_not_stop_before_a_live_beam_can_overtake():

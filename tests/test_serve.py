@@ -429,3 +429,32 @@ def test_serve_takes_a_kv_memory_size(tmp_path):
     assert byte_size("2G") == 2 << 30 and byte_size("512M") == 512 << 20 and byte_size("1000") == 1000
     with pytest.raises(Exception, match="a size like 2G"):
         byte_size("lots")
+
+
+def test_response_format_json_schema_and_json_object_are_honoured(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for body in ({"messages": [{"role": "user", "content": "answer"}], "max_tokens": 40, "n": 3, "seed": 1},
+                 {"messages": [{"role": "user", "content": [{"type": "text", "text": "answer"}]}], "max_tokens": 40}):
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "response_format": fmt, **body})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            assert choice["finish_reason"] == "stop"
+            reply = json.loads(choice["message"]["content"])
+            assert set(reply) == {"ok", "n"} and isinstance(reply["ok"], bool) and reply["n"] <= 99
+    r = completion(client, max_tokens=40, response_format={"type": "json_object"}, temperature=0)
+    assert r.status_code == 200
+    text, finish = r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+    assert text.startswith("{") and (finish == "length" or isinstance(json.loads(text), dict))
+
+
+def test_settings_the_server_does_not_implement_are_refused_by_name(client):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}
+    for extra, field in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"logit_bias": {"5": 10}}, "logit_bias"),
+                         ({"response_format": {"type": "yaml"}}, "response_format"),
+                         ({"response_format": bad_schema}, "response_format")]:
+        r = client.post("/v1/chat/completions", json=chat | extra)
+        assert r.status_code == 400 and field in (r.json()["error"]["param"] or "") + r.json()["error"]["message"], r.text

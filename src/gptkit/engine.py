@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import native
 from .blocks import BlockPool, block_hashes
+from .grammar import Matcher, json_schema_grammar
 from .generate import (SEED_RANGE, Detokenizer, GenerationError, SamplingParams, apply_penalties, beam_search,
                        check_fits, sample)
 from .model import GPT, PagedKVCache
@@ -35,6 +36,7 @@ class Request:
     params: SamplingParams
     stop_ids: tuple[int, ...] = ()  # tokens that end the reply (not shown)
     cancelled: bool = False  # set by the caller (client gone): the engine frees the row at its next step
+    grammar: str | None = None  # params.json_schema compiled (by Engine.check)
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -65,6 +67,7 @@ class _Row:
     prompt: Tensor  # for the penalties
     reserved: int  # blocks it may still take (its worst case, held back from other requests)
     names: list[bytes]  # the names of its full blocks so far (blocks.py)
+    matcher: Matcher | None = None  # structured output: the tokens its grammar allows next
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the cache
     logits: Tensor | None = None  # next-token logits once the prompt is in
@@ -148,6 +151,10 @@ class Engine:
         if len(prompt) + p.max_new_tokens > self.max_len:
             raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceeds this "
                                   f"engine's rows of {self.max_len} tokens")
+        if p.json_schema is not None:
+            if self.tokenizer is None:
+                raise GenerationError("json_schema needs a tokenizer")
+            request.grammar = json_schema_grammar(p.json_schema, self.tokenizer, request.stop_ids)
         if self._worst_case(request) > self.pool.n_blocks:
             raise GenerationError(f"prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceeds the "
                                   f"KV cache's whole budget of {self.pool.n_blocks * self.block_size} tokens")
@@ -235,8 +242,9 @@ class Engine:
             seed, device = request.params.seed, self.cache.device
             detok = Detokenizer(self.tokenizer, request.params.stop, request.stop_ids) if self.tokenizer else None
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+            matcher = Matcher(request.grammar, self.tokenizer, request.stop_ids) if request.grammar else None
             self.rows.append(_Row(request, detok, gen, torch.tensor(request.prompt, device=device), need,
-                                  names[:hits], prefilled=len(shared) * self.block_size))
+                                  names[:hits], matcher, prefilled=len(shared) * self.block_size))
 
     def _grow(self, slot: int, row: _Row, length: int) -> None:
         """Blocks for row `slot` to hold `length` positions (taken from its reservation)."""
@@ -278,12 +286,15 @@ class Engine:
         """Next token of every row. Rows with the same settings and no seed of their own share one call."""
         logits = logits[:, :self.vocab]  # never an id the tokenizer lacks (padded model vocabularies)
         penalized = [i for i, row in enumerate(rows) if row.request.params.penalized]
-        if penalized:
+        constrained = [i for i, row in enumerate(rows) if row.matcher is not None]
+        if penalized or constrained:
             logits = logits.clone()
             for i in penalized:
                 row = rows[i]
                 out = torch.tensor(row.output, dtype=torch.long, device=logits.device)
                 logits[i] = apply_penalties(logits[i], row.prompt, out, row.request.params)
+            for i in constrained:
+                rows[i].matcher.mask(logits[i])
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             p = row.request.params
@@ -315,6 +326,11 @@ class Engine:
         r, detok = row.request, row.detok
         text = detok.push(token) if detok is not None else ""
         finish = "stop" if (detok.done if detok is not None else token in r.stop_ids) else None
+        if row.matcher is not None and finish is None:
+            row.matcher.accept(token)
+            if row.matcher.complete:  # the JSON is whole: only an end token could follow
+                finish = "stop"
+                text += detok.finish("stop")
         position = len(r.prompt) + len(row.output)  # where this token goes in the cache
         if finish is None and (len(row.output) >= r.params.max_new_tokens or position >= self.max_len):
             finish = "length"
@@ -399,7 +415,7 @@ class LM:
     def _beams(self, ids: list[list[int]], params: SamplingParams) -> Iterator[list[str]]:
         self.finish_reasons = ["length"] * len(ids)
         for i, p in enumerate(ids):
-            out = beam_search(self.model, p, params.num_beams, params.max_new_tokens, *self.stop_ids()[:1],
+            out = beam_search(native.stepper(self.model), p, params.num_beams, params.max_new_tokens, *self.stop_ids()[:1],
                               vocab_limit=self.tokenizer.vocab_size)
             det = Detokenizer(self.tokenizer, params.stop, self.stop_ids())
             text = "".join(det.push(t) for t in out)

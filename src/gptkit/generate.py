@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import native
 from .errors import GptkitError
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -35,6 +36,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
     num_beams: int = 1  # > 1: beam search (deterministic; the sampling settings are not used)
+    json_schema: dict | str | None = None  # structured output: every reply is JSON valid under it (grammar.py)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
@@ -54,6 +56,9 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.json_schema is None or isinstance(self.json_schema, (dict, str)),
+             "json_schema must be a JSON schema (a dict, or its JSON text)"),
+            (self.json_schema is None or self.num_beams == 1, "json_schema does not combine with beam search"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -113,13 +118,18 @@ def check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> None:
 
 
 @torch.inference_mode()
-def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: int, eot_id: int | None = None,
+def beam_search(stepper, prompt: list[int], num_beams: int, max_new_tokens: int, eot_id: int | None = None,
                 length_penalty: float = 1.0, vocab_limit: int | None = None) -> list[int]:
     """The highest-scoring continuation (sum of log-probs / length ** length_penalty), over ids below
-    `vocab_limit` (a model vocabulary padded past its tokenizer's)."""
+    `vocab_limit` (a model vocabulary padded past its tokenizer's). `stepper` runs the model (native.py's, or
+    the model itself: anything with its prefill / decode / logits)."""
+    if isinstance(stepper, GPT):
+        stepper = native.stepper(stepper)
+    model = stepper.model
     check_fits(model, len(prompt), max_new_tokens)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logp = model(torch.tensor([prompt], device=cache.device), cache, last_only=True)[:, -1, :vocab_limit].log_softmax(-1)
+    h = stepper.prefill(torch.tensor([prompt], device=cache.device), cache)
+    logp = stepper.logits(h[:, -1])[:, :vocab_limit].log_softmax(-1)
     cache.advance(len(prompt))
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=logp.device))
     beams, scores = [[]], torch.zeros(1, device=logp.device)
@@ -145,7 +155,7 @@ def beam_search(model: GPT, prompt: list[int], num_beams: int, max_new_tokens: i
             next_beams.append(next_beams[-1]), next_scores.append(-math.inf), rows.append(rows[-1])
         cache.reorder(torch.tensor(rows, device=logp.device))
         beams, scores = next_beams, torch.tensor(next_scores, device=logp.device)
-        logp = model(torch.tensor([b[-1:] for b in beams], device=logp.device), cache)[:, -1, :vocab_limit].log_softmax(-1)
+        logp = stepper.decode(torch.tensor([b[-1] for b in beams], device=logp.device), cache)[:, :vocab_limit].log_softmax(-1)
         cache.advance(1)
     return max(finished, key=lambda f: f[0])[1]
 

@@ -13,7 +13,19 @@ def _sampling(args):
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          stop=tuple(args.stop), seed=args.seed, num_beams=args.num_beams)
+                          stop=tuple(args.stop), seed=args.seed, num_beams=args.num_beams,
+                          json_schema=_json_schema(args.json_schema) if getattr(args, "json_schema", None) else None)
+
+
+def _json_schema(path: str) -> dict:
+    import json
+
+    from ..grammar import GrammarError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GrammarError(f"{path} is not a JSON schema: {e}") from None
 
 
 def cmd_generate(args) -> None:
@@ -120,6 +132,8 @@ def _add_generate(sub) -> None:
     s.add_argument("--seed", type=int)
     s.add_argument("--num-beams", type=int, default=1)
     s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--json-schema", metavar="FILE", help="a JSON schema the output must be valid JSON under "
+                   "(structured output: only tokens that keep it valid are sampled)")
     s.set_defaults(func=cmd_generate)
 
 

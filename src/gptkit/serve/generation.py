@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from ..engine import LM, Output
 from ..engine import Request as EngineRequest
 from ..generate import GenerationError
+from ..grammar import GrammarError
 from ..tokenizer import Tokenizer
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, Sampling, engine_error, error_body, sampling_params,
@@ -76,12 +77,12 @@ class Generation:
             for index, request in jobs:
                 runner.submit(request, lambda event, index=index: self.inbox.put((index, event)))
                 self.requests.append(request)
-        except (QueueFull, GenerationError) as e:
+        except (QueueFull, GenerationError, GrammarError) as e:
             self.cancel()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy ({e}); retry shortly", "rate_limit_error",
                                code="queue_full", headers={"Retry-After": "1"}) from None
-            raise APIError(400, str(e), param=self.param) from None
+            raise APIError(400, str(e), param="response_format" if isinstance(e, GrammarError) else self.param) from None
 
     def cancel(self) -> None:
         """Done, failed, or the client went away: the engine frees the rows at its next step."""

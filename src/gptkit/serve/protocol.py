@@ -51,6 +51,41 @@ class Sampling(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     num_beams: int = 1
+    # structured output, as OpenAI's API: {"type": "text" | "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}, "strict": true}}
+    response_format: dict | None = None
+    # settings of OpenAI's API that gptkit does not implement: refused by name, never silently ignored
+    logit_bias: dict | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise ValueError("response_format json_schema needs {\"name\": ..., \"schema\": {...}}")
+        return v
+
+    def json_schema(self) -> dict | bool | None:
+        """The schema every reply must be valid JSON under (None: free text)."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind == "json_schema":
+            return self.response_format["json_schema"].get("schema", {})
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -82,9 +117,19 @@ class CompletionRequest(Sampling):
         return v
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]  # a list of text parts, as many OpenAI clients send it
+
+    @field_validator("content")
+    @classmethod
+    def _joined(cls, v):
+        return v if isinstance(v, str) else "".join(part.text for part in v)
 
 
 class ChatRequest(Sampling):
@@ -92,6 +137,18 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} (function calling) is not supported; use response_format with a "
+                             f"json_schema for structured replies")
+        return v
 
 
 def sampling_params(body: Sampling, max_tokens: int, index: int, stop: tuple[str, ...],
@@ -102,7 +159,8 @@ def sampling_params(body: Sampling, max_tokens: int, index: int, stop: tuple[str
         return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              stop=user_stop + stop, seed=row_seed(body.seed, index), logprobs=logprobs)
+                              stop=user_stop + stop, seed=row_seed(body.seed, index), logprobs=logprobs,
+                              json_schema=body.json_schema())
     except GenerationError as e:
         raise APIError(400, str(e)) from None
 
