@@ -131,7 +131,8 @@ def commit(directory: Path | str, files: dict[str, bytes | str | Writer], meta: 
     try:
         for name, content in files.items():
             temps[name] = _write_temp(directory, name, content)
-        journal = {"files": {n: {"tmp": t.name, "sha256": sha256(t)} for n, t in temps.items()}, **(meta or {})}
+        journal = {"files": {n: {"tmp": t.name, "sha256": sha256(t), "bytes": t.stat().st_size}
+                             for n, t in temps.items()}, **(meta or {})}
         atomic_write(directory / PENDING, json.dumps(journal, indent=1) + "\n")
     except Exception as e:
         for tmp in temps.values():
@@ -149,7 +150,7 @@ def _roll_forward(directory: Path, journal: dict) -> None:
         if tmp.exists():
             os.replace(tmp, directory / name)
     _fsync_dir(directory)
-    manifest = {"files": {n: e["sha256"] for n, e in journal["files"].items()},
+    manifest = {"files": {n: {"sha256": e["sha256"], "bytes": e["bytes"]} for n, e in journal["files"].items()},
                 **{k: v for k, v in journal.items() if k != "files"}}
     atomic_write(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     (directory / PENDING).unlink(missing_ok=True)
@@ -184,8 +185,14 @@ def verify(directory: Path | str, names=None) -> dict | None:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise CommitError(f"{path} is not valid JSON: {e}") from None
-    for name, digest in manifest["files"].items():
-        if (names is None or name in names) and (directory / name).exists() and sha256(directory / name) != digest:
-            raise CommitError(f"{directory / name} does not belong to the checkpoint committed in {path} "
-                              f"(its contents changed since); restore it or remove {MANIFEST} to accept it")
+    for name, entry in manifest["files"].items():
+        file = directory / name
+        if names is not None and name not in names or not file.exists():
+            continue
+        if file.stat().st_size != entry["bytes"]:
+            raise CommitError(f"{file} does not belong to the checkpoint committed in {path}: truncated or corrupt, "
+                              f"or another's ({file.stat().st_size:,} bytes where it committed {entry['bytes']:,})")
+        if sha256(file) != entry["sha256"]:
+            raise CommitError(f"{file} does not belong to the checkpoint committed in {path} (its contents changed "
+                              f"since); restore it or remove {MANIFEST} to accept it")
     return manifest
