@@ -134,3 +134,87 @@ def test_sft_with_one_usable_conversation_is_one_line(capsys, tiny_ckpt, tmp_pat
     code, _, err = run(capsys, "finetune", tiny_ckpt, "--task", "sft", "--train", chats, "--skip-bad",
                        "--out", tmp_path / "o")
     assert code == 1 and "too few to hold out" in err and err.count("\n") == 1
+
+
+def every_parser(parser, name="gptkit"):
+    """The parser and each subcommand's (lab's own subcommands too), with their names."""
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from every_parser(child, f"{name} {sub}")
+
+
+def test_no_help_shows_a_default_of_none_or_a_second_default():
+    from gptkit.cli import build_parser
+
+    seen = 0
+    for name, parser in every_parser(build_parser()):
+        for action in parser._actions:
+            text = parser._get_formatter()._expand_help(action) if action.help else ""
+            assert "(default: None)" not in text and text.count("default") <= 1, (name, action.option_strings, text)
+            seen += 1
+    helps = {name: " ".join(p.format_help().split()) for name, p in every_parser(build_parser())}
+    assert len(helps) > 15 and seen > 100
+    assert "validation file (default: a tenth of --train)" in helps["gptkit finetune"]
+    assert "(default: the base model's) --lora-rank" in helps["gptkit finetune"]  # and nothing after it
+    assert "(default: 200)" in helps["gptkit generate"] and "(default: 2000000.0)" in helps["gptkit lab evolution"]
+
+
+@pytest.mark.parametrize("text, expected", [("600", 600), ("600s", 600), ("10m", 600), ("1h", 3600), ("1.5h", 5400),
+                                            (" 90 ", 90), ("1e3", 1000)])
+def test_durations_take_units(text, expected):
+    from gptkit.cli.flags import seconds
+
+    assert seconds(text, "--budget") == expected
+
+
+@pytest.mark.parametrize("budget", ["10 minutes", "-5", "0", "1d", "m", "inf", "nan", "5 m"])
+def test_a_budget_that_is_no_duration_is_one_line(capsys, tmp_path, monkeypatch, budget):
+    import gptkit.lab
+
+    monkeypatch.setattr(gptkit.lab, "evolution", lambda *a, **kw: pytest.fail(f"{budget!r} was accepted"))
+    code, _, err = run(capsys, "lab", "evolution", "--budget", budget, "--out", tmp_path / "lab")
+    assert code == 1 and "--budget must be a positive duration" in err and err.count("\n") == 1
+    assert not (tmp_path / "lab").exists()
+
+
+def test_the_evolution_budget_reaches_the_lab_in_seconds(capsys, tmp_path, monkeypatch):
+    import gptkit.lab
+
+    budgets = []
+
+    def evolution(data, out, budget, **kw):
+        budgets.append(budget)
+        (out / "table.md").write_text("| table |\n")
+
+    monkeypatch.setattr(gptkit.lab, "evolution", evolution)
+    code, out, err = run(capsys, "lab", "evolution", "--data", tmp_path, "--budget", "10m", "--out", tmp_path / "lab")
+    assert code == 0 and budgets == [{"time_limit": 600.0}] and "| table |" in out, err
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), ValueError("a bug"), KeyError("a bug")])
+def test_a_bug_inside_a_command_keeps_its_traceback(monkeypatch, error):
+    from gptkit.cli import build
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(build, "cmd_info", broken)
+    with pytest.raises(type(error), match="a bug"):
+        main(["info", "gpt2"])
+
+
+def test_gptkit_errors_and_file_errors_are_one_line(monkeypatch, capsys):
+    from gptkit.cli import build
+    from gptkit.errors import GptkitError
+
+    for error in (GptkitError("bad input\nmore detail"), FileNotFoundError("no file x")):
+        def broken(args, error=error):
+            raise error
+
+        monkeypatch.setattr(build, "cmd_info", broken)
+        code, _, err = run(capsys, "info", "gpt2")
+        assert code == 1 and err.count("\n") == 1 and str(error).splitlines()[0] in err

@@ -113,3 +113,17 @@ def test_the_scaling_grid_has_one_model_per_size_within_5_percent():
     sizes = [1e5, 2e5, 4e5, 8e5, 1.6e6, 3.2e6]
     counts = [body_params(grid_config(512, 64, n)) for n in sizes]
     assert all(abs(c / n - 1) < 0.05 for c, n in zip(counts, sizes)), counts
+
+
+@pytest.mark.parametrize("text", ["{", '{"E": 1}', "[]"])
+def test_a_fit_that_is_not_one_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "fit.json").write_text(text)
+    assert main(["lab", "scaling", "--predict", "1e6,1e8", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "fit.json is not a fit written by `gptkit lab scaling`" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("predict", ["1e6", "1e6,x", "1e6,1e8,3", "0,5"])
+def test_predict_needs_two_positive_numbers(tmp_path, capsys, predict):
+    assert main(["lab", "scaling", "--predict", predict, "--out", str(tmp_path)]) == 1
+    assert "--predict" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from .flags import UsageError
+
 
 def task_inputs(task: str) -> tuple[str, ...]:
     """A task's input fields (finetune/data.py's FIELDS, less the label)."""
@@ -62,7 +64,7 @@ def cmd_classify(args) -> None:
     fields = {k: getattr(args, k) for k in task_inputs(task)}
     if any(v in (None, []) for v in fields.values()):
         flags = ("--option" if k == "options" else "--" + k.replace("_", "-") for k in fields)
-        raise ValueError(f"a {task} model needs " + " ".join(flags))
+        raise UsageError(f"a {task} model needs " + " ".join(flags))
     label, probs = predict(model, tokenizer, fields)
     print(f"label: {label}")
     for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):

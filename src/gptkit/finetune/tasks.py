@@ -305,16 +305,23 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
                        TASK_FILE: task, name: text})
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{path} is not valid JSON: {e}") from None
+
+
 def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
     """A fine-tuned task model: a full checkpoint with task.json, or a LoRA adapter directory."""
     path = Path(path)
     if not (path / TASK_FILE).exists():
         raise FinetuneError(f"{path} is not a fine-tuned task model (no {TASK_FILE})")
-    d = json.loads((path / TASK_FILE).read_text())
+    d = _read_json(path / TASK_FILE)
     spec = TaskSpec(d["task"], tuple(d["labels"]), d.get("pool", "last"))
     tokenizer = Tokenizer.load(path)
     if (path / ADAPTER_META).exists():
-        meta = json.loads((path / ADAPTER_META).read_text())
+        meta = _read_json(path / ADAPTER_META)
         if meta.get("base_sha256") not in (None, checkpoint.weights_sha256(meta["base"])):
             raise FinetuneError(f"{path} was trained on other weights than those now in {meta['base']}; "
                                 f"restore that base, or fine-tune again")

@@ -99,8 +99,12 @@ def load_fit(out: Path) -> Fit:
     path = Path(out) / "fit.json"
     if not path.exists():
         raise LabError(f"no fit in {out}: run `gptkit lab scaling` there first")
-    record = json.loads(path.read_text())
-    return Fit(**{k: record[k] for k in ("E", "A", "B", "alpha", "beta")})
+    try:
+        record = json.loads(path.read_text())
+        return Fit(**{k: float(record[k]) for k in ("E", "A", "B", "alpha", "beta")})
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a fit's record
+        raise LabError(f"{path} is not a fit written by `gptkit lab scaling` ({type(e).__name__}: {e}); "
+                       f"run it again") from None
 
 
 def plot(law: Fit, points: list[tuple], png: Path) -> None:
