@@ -218,3 +218,28 @@ def test_gptkit_errors_and_file_errors_are_one_line(monkeypatch, capsys):
         monkeypatch.setattr(build, "cmd_info", broken)
         code, _, err = run(capsys, "info", "gpt2")
         assert code == 1 and err.count("\n") == 1 and str(error).splitlines()[0] in err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--epochs", "x", "epochs must be an integer, got 'x'"),
+                                                  ("--dropout", "lots", "dropout must be a number or null, got 'lots'"),
+                                                  ("--lora-rank", "2.5", "lora_rank must be an integer, got 2.5")])
+def test_a_fine_tuning_flag_of_the_wrong_type_is_one_line_naming_the_field(capsys, tiny_ckpt, tmp_path, flag, value,
+                                                                          message):
+    code, _, err = run(capsys, "finetune", tiny_ckpt, "--task", "classify", "--train", tmp_path / "none.tsv",
+                       "--out", tmp_path / "o", flag, value)
+    assert code == 1 and message in err and err.count("\n") == 1  # before the data is read (there is none)
+
+
+def test_fine_tuning_flags_are_read_as_their_fields(tiny_ckpt, tmp_path):
+    from gptkit.cli import build_parser
+    from gptkit.cli.tune import config_from_flags
+    from gptkit.finetune import FinetuneConfig
+
+    args = build_parser().parse_args(["finetune", str(tiny_ckpt), "--task", "choice", "--train", "t", "--out", "o",
+                                      "--lora-targets", "attn.qkv,mlp.fc", "--dropout", "0.1", "--lr", "1e-3",
+                                      "--seed", "7", "--sampled-softmax"])
+    cfg = config_from_flags(FinetuneConfig, args)
+    assert (cfg.task, cfg.lora_targets, cfg.dropout, cfg.lr, cfg.seed, cfg.sampled_softmax, cfg.epochs) == (
+        "choice", ("attn.qkv", "mlp.fc"), 0.1, 1e-3, 7, True, 3)
+    assert config_from_flags(FinetuneConfig, build_parser().parse_args(
+        ["finetune", "b", "--task", "classify", "--train", "t", "--out", "o"])) == FinetuneConfig()

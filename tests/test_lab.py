@@ -127,3 +127,14 @@ def test_a_fit_that_is_not_one_is_one_line(tmp_path, capsys, text):
 def test_predict_needs_two_positive_numbers(tmp_path, capsys, predict):
     assert main(["lab", "scaling", "--predict", predict, "--out", str(tmp_path)]) == 1
     assert "--predict" in capsys.readouterr().err
+
+
+def test_a_lab_run_trains_its_config_and_recipe_as_they_are(tmp_path):
+    from gptkit import preset
+
+    for lab_run in [*generations(BASE), *ladder(BASE)]:
+        cfg = lab_run.train_config(tmp_path / "r", "data-dir", {"time_limit": 60}, seed=3)
+        assert preset(cfg.preset, **cfg.model) == lab_run.config, lab_run.name
+        assert all(getattr(cfg, k) == v for k, v in lab_run.recipe.items())
+        assert (cfg.time_limit, cfg.max_steps, cfg.seed, cfg.out, cfg.data) == (60.0, 0, 3, str(tmp_path / "r"),
+                                                                                "data-dir")

@@ -115,7 +115,7 @@ def test_recipe_file_and_overrides(tmp_path):
         "tiny-modern", 3e-4, {"n_layer": 2, "n_embd": 64}, "wsd", 5)
     with pytest.raises(RecipeError, match="unknown recipe field"):
         load_recipe(None, ["learning_rate=1"])
-    with pytest.raises(RecipeError, match="batch_size must be int"):
+    with pytest.raises(RecipeError, match="batch_size must be an integer, got .big."):
         load_recipe(None, ["batch_size=big"])
     with pytest.raises(RecipeError, match="no recipe file"):
         load_recipe(tmp_path / "missing.toml")

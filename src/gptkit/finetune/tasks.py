@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import GptkitError
 from .. import checkpoint, files
+from ..config import check_fields
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..train.loss import IGNORE_INDEX
@@ -203,6 +204,7 @@ class TuneConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_fields(self, FinetuneError)
         checks = [(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
                   (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
                   (self.eval_batch >= 1, f"eval_batch must be at least 1, got {self.eval_batch}"),

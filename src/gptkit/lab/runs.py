@@ -13,7 +13,7 @@ import torch
 from ..errors import GptkitError
 from ..config import GPTConfig
 from ..model import GPT
-from ..train import load_recipe, train
+from ..train import TrainConfig, train
 from ..train.metrics import read_metrics
 from ..train.trainer import STATE_FILE
 
@@ -62,12 +62,13 @@ class Run:
 
     name: str
     config: GPTConfig
-    recipe: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)  # TrainConfig fields
 
-    def overrides(self) -> list[str]:
-        model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
-                 for k, v in self.config.to_dict().items() if v is not None]
-        return [*model, *(f"{k}={json.dumps(v)}" for k, v in self.recipe.items())]
+    def train_config(self, directory: Path, data: str, budget: dict, seed: int) -> TrainConfig:
+        """The run's recipe: its model config whole, its recipe changes, the lab's budget (instead of steps)."""
+        return TrainConfig(**{"preset": "gpt2", "model": self.config.to_dict(), "data": data, "out": str(directory),
+                              "max_steps": 0, "seed": seed, "eval_interval": 50, "ckpt_interval": 200,
+                              **self.recipe, **budget})
 
 
 def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
@@ -78,9 +79,7 @@ def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool
     resume = (directory / STATE_FILE).exists()
     if directory.exists() and not resume:
         shutil.rmtree(directory)  # killed before its first checkpoint: start it again
-    cfg = load_recipe(None, [*lab_run.overrides(), f"seed={seed}", "eval_interval=50", "ckpt_interval=200"],
-                      preset="gpt2", data=data, out=str(directory), max_steps=0, **budget)
-    result = train(cfg, resume=resume, quiet=quiet)
+    result = train(lab_run.train_config(directory, data, budget, seed), resume=resume, quiet=quiet)
     rows = read_metrics(directory / "metrics.jsonl")
     curve = [(r["step"], r["val_loss"], r["elapsed_s"]) for r in rows if "val_loss" in r]
     train_rows = [r for r in rows if "tokens" in r]
