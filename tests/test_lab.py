@@ -9,7 +9,7 @@ import pytest
 
 from gptkit import GPTConfig
 from gptkit.cli import main
-from gptkit.lab import fit, generations, ladder, shape
+from gptkit.lab import fit_scaling_law, generations, ladder, shape
 from gptkit.lab.evolution import write_table
 from gptkit.lab.runs import body_params
 
@@ -42,7 +42,7 @@ def test_the_fit_recovers_known_exponents():
     N, D = np.meshgrid([1e5, 3e5, 1e6, 3e6], [1e6, 3e6, 1e7, 3e7])
     N, D = N.ravel(), D.ravel()
     L = (1.7 + 400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(rng.normal(0, 1e-3, N.shape))
-    law = fit(N, D, L)
+    law = fit_scaling_law(N, D, L)
     assert law.alpha == pytest.approx(0.34, abs=0.03) and law.beta == pytest.approx(0.28, abs=0.03)
     assert law.E == pytest.approx(1.7, rel=0.05)
     n, d = law.optimal(1e18)

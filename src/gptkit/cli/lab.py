@@ -42,7 +42,7 @@ def cmd_evolution(args) -> None:
 
 
 def cmd_scaling(args) -> None:
-    from ..lab import load_fit, scaling
+    from ..lab import load_scaling_law, scaling
 
     out = Path(args.out)
     if args.predict:
@@ -50,7 +50,7 @@ def cmd_scaling(args) -> None:
         if len(values) != 2:
             raise UsageError(f"--predict takes two numbers, N,D (parameters, tokens), got {args.predict!r}")
         n, d = values
-        print(f"predicted validation loss at N = {n:,.0f}, D = {d:,.0f}: {load_fit(out).loss(n, d):.4f}")
+        print(f"predicted validation loss at N = {n:,.0f}, D = {d:,.0f}: {load_scaling_law(out).loss(n, d):.4f}")
         return
     out.mkdir(parents=True, exist_ok=True)
     sizes = _numbers(args.sizes, "--sizes")

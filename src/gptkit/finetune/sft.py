@@ -14,7 +14,7 @@ from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
 from ..train.loss import IGNORE_INDEX, model_loss
 from .data import read_text
-from .fit import finished, fit
+from .fit import finetune_loop, finished
 from .lora import merge_lora
 from .tasks import FinetuneError, TuneConfig, prepare_base, run_identity
 
@@ -88,7 +88,7 @@ def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: s
         return {"val_loss": loss / len(held)}
 
     group = {"params": trainable, "weight_decay": 0.0 if cfg.lora_rank else cfg.weight_decay}
-    result = fit(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
+    result = finetune_loop(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
                  "val_loss", rng, Path(out), run_identity(base, cfg), lower_is_better=True, clip=cfg.clip_norm,
                  resume=resume, quiet=quiet)
     merge_lora(gpt)

@@ -27,7 +27,7 @@ from ..tokenizer import Tokenizer
 from ..train.loss import IGNORE_INDEX
 from ..train.loss import lm_loss as language_model_loss
 from .data import Example
-from .fit import finished, fit
+from .fit import finetune_loop, finished
 from .lora import apply_lora, lora_state, merge_lora
 
 POOLS = ("last", "mean")
@@ -135,19 +135,19 @@ def prepare_base(base: str | Path, cfg: TuneConfig, tokens: tuple[str, ...]) -> 
 def encode(tokenizer: Tokenizer, spec: TaskSpec, fields: dict, context: int) -> list[list[int]]:
     s, d, x = (tokenizer.special[t] for t in SPECIAL)
 
-    def fit(first: list[int], rest: list[int]) -> list[int]:
+    def framed(first: list[int], rest: list[int]) -> list[int]:  # <start> first rest <extract>, first cut to fit
         room = context - len(rest) - 2
         return [s] + first[-room:] + rest + [x] if room > 0 else [s] + rest[-(context - 2):] + [x]
 
     enc = tokenizer.encode
     if spec.task == "classify":
-        return [fit(enc(fields["text"]), [])]
+        return [framed(enc(fields["text"]), [])]
     if spec.task == "entail":
-        return [fit(enc(fields["premise"]), [d] + enc(fields["hypothesis"]))]
+        return [framed(enc(fields["premise"]), [d] + enc(fields["hypothesis"]))]
     if spec.task == "similar":
         a, b = enc(fields["text_a"]), enc(fields["text_b"])
-        return [fit(a, [d] + b), fit(b, [d] + a)]
-    return [fit(enc(fields["context"]), [d] + enc(o)) for o in fields["options"]]
+        return [framed(a, [d] + b), framed(b, [d] + a)]
+    return [framed(enc(fields["context"]), [d] + enc(o)) for o in fields["options"]]
 
 
 def label_index(spec: TaskSpec, example: Example) -> int:
@@ -274,7 +274,7 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
         value = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
         return value if lm_loss is None else value + cfg.lm_weight * lm_loss
 
-    result = fit(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+    result = finetune_loop(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                  cfg.lr, cfg.epochs, cfg.patience, lambda r: length_batches(encoded, cfg.batch_size, r), loss,
                  lambda: {"val_accuracy": accuracy(model, tokenizer, val, cfg.eval_batch)}, "val_accuracy", rng,
                  Path(out), run_identity(base, cfg, labels), warmup=0.02, clip=cfg.clip_norm, resume=resume, quiet=quiet)

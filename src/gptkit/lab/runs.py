@@ -57,7 +57,7 @@ def match_width(config: GPTConfig, target: int) -> GPTConfig:
 
 
 @dataclass
-class Run:
+class LabRun:
     """One training run of a lab: a name, its model config and recipe changes, and where it lives."""
 
     name: str
@@ -71,7 +71,7 @@ class Run:
                               **self.recipe, **budget})
 
 
-def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
+def complete(lab_run: LabRun, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
     """Train `lab_run` (or continue it where it stopped; or skip it when finished): its result."""
     directory = out / f"{lab_run.name}-seed{seed}"
     if (directory / RESULT_FILE).exists():
