@@ -138,3 +138,29 @@ def test_a_lab_run_trains_its_config_and_recipe_as_they_are(tmp_path):
         assert all(getattr(cfg, k) == v for k, v in lab_run.recipe.items())
         assert (cfg.time_limit, cfg.max_steps, cfg.seed, cfg.out, cfg.data) == (60.0, 0, 3, str(tmp_path / "r"),
                                                                                 "data-dir")
+
+
+@pytest.mark.parametrize("marker", [None, b'{"name": "tiny", "seed": 0, "params": 1', b"", b"\xff\xfe", b"{}"])
+def test_a_missing_or_cut_short_marker_resumes_the_run_without_training_it_again(data, tmp_path, marker):
+    """result.json says a lab run finished; one cut short (as a plain write killed midway leaves it) or missing
+    counts as not finished: the run resumes from its checkpoint, which had reached the budget, so nothing trains
+    again and the marker is written whole from the run's metrics."""
+    import torch
+
+    from gptkit.lab.runs import RESULT_FILE, LabRun, complete
+    from gptkit.train.trainer import STATE_FILE
+
+    lab_run = LabRun("tiny", GPTConfig(vocab_size=512, context=32, n_layer=2, n_head=2, n_embd=32),
+                     {"warmup_steps": 2, "batch_size": 4})
+    first = complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0)
+    directory = tmp_path / "tiny-seed0"
+    steps = torch.load(directory / STATE_FILE, weights_only=True)["step"]
+    if marker is None:
+        (directory / RESULT_FILE).unlink()
+    else:
+        (directory / RESULT_FILE).write_bytes(marker)
+    again = complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0)
+    assert torch.load(directory / STATE_FILE, weights_only=True)["step"] == steps  # no step trained again
+    assert (again["tokens"], again["val_loss"], again["params"]) == (first["tokens"], first["val_loss"], first["params"])
+    assert json.loads((directory / RESULT_FILE).read_text()) == again
+    assert complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0) == again  # finished: read, not run

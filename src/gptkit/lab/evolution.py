@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
+from ..files import atomic_write
 from ..data import TokenShards
 from ..tokenizer import Tokenizer
 from .runs import LabRun, body_params, complete, match_width, shape, time_to
@@ -110,7 +111,7 @@ def write_table(results: list[dict], path: Path, token_bytes: float, reference: 
     lines.append(f"\nVal loss: the last evaluation's; bits/byte: of the validation text; seconds to {common:.3f}: "
                  f"when a run first reaches {reference}'s final loss (—: never).")
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    atomic_write(path, text)
     return text
 
 

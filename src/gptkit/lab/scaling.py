@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
+from ..files import atomic_write
 from ..tokenizer import Tokenizer
 from .runs import LabError, LabRun, body_params, complete, match_width, shape
 
@@ -87,7 +88,7 @@ def scaling(data: str, out: Path, sizes: list[float], tokens: list[int], context
     n_opt, d_opt = law.optimal(largest)
     record = {**asdict(law), "points": points, "compute_optimal": {"compute": largest, "params": n_opt,
                                                                     "tokens": d_opt, "tokens_per_param": d_opt / n_opt}}
-    (Path(out) / "fit.json").write_text(json.dumps(record, indent=1))
+    atomic_write(Path(out) / "fit.json", json.dumps(record, indent=1))
     plot(law, points, Path(out) / "scaling.png")
     say(f"L(N, D) = {law.E:.3f} + {law.A:.3g} / N^{law.alpha:.3f} + {law.B:.3g} / D^{law.beta:.3f}; at "
         f"C = {largest:.2e} FLOPs the optimum is N = {n_opt:,.0f}, D = {d_opt:,.0f} ({d_opt / n_opt:.1f} tokens "
