@@ -243,3 +243,23 @@ def test_fine_tuning_flags_are_read_as_their_fields(tiny_ckpt, tmp_path):
         "choice", ("attn.qkv", "mlp.fc"), 0.1, 1e-3, 7, True, 3)
     assert config_from_flags(FinetuneConfig, build_parser().parse_args(
         ["finetune", "b", "--task", "classify", "--train", "t", "--out", "o"])) == FinetuneConfig()
+
+
+def test_train_and_distill_hand_the_recipe_typed_values(monkeypatch, capsys, tmp_path):
+    import gptkit.train
+
+    recipes = []
+
+    def train(cfg, resume=False):
+        recipes.append(cfg)
+        return {"interrupted": None, "step": 0, "tokens": 0, "elapsed_s": 0.0, "val_loss": None, "out": cfg.out}
+
+    monkeypatch.setattr(gptkit.train, "train", train)
+    assert main(["train", "--out", str(tmp_path / "a"), "lr=3e-4"]) == 0
+    assert "training for 120 seconds" in capsys.readouterr().out
+    assert (recipes[-1].time_limit, recipes[-1].max_steps, recipes[-1].lr) == (120.0, 0, 3e-4)
+    assert main(["distill", "--teacher", str(tmp_path / "t"), "--student", "tiny-gpt2", "--alpha", "1",
+                 "--max-steps", "5", "model.n_layer=2"]) == 0
+    cfg = recipes[-1]
+    assert (cfg.teacher, cfg.preset, cfg.init, cfg.distill_alpha, cfg.distill_beta, cfg.max_steps, cfg.model) == (
+        str(tmp_path / "t"), "tiny-gpt2", "", 1.0, 2.0, 5, {"n_layer": 2})
