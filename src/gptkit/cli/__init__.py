@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
     def add_argument(self, *names, **options):
         action = super().add_argument(*names, **options)
         shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS
-        if shown and "default" not in (action.help or ""):
+        if shown and "default" not in (action.help or "").lower():
             action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
         return action
 
