@@ -160,6 +160,8 @@ def test_no_help_shows_a_default_of_none_or_a_second_default():
     assert len(helps) > 15 and seen > 100
     assert "validation file (default: a tenth of --train)" in helps["gptkit finetune"]
     assert "(default: the base model's) --lora-rank" in helps["gptkit finetune"]  # and nothing after it
+    assert "random seed (default: 0)" in helps["gptkit finetune"]  # a default of 0 is one to show
+    assert "--from-scratch re-initialise the base weights (a baseline) --seed" in helps["gptkit finetune"]
     assert "(default: 200)" in helps["gptkit generate"] and "(default: 2000000.0)" in helps["gptkit lab evolution"]
 
 

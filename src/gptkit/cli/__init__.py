@@ -21,7 +21,9 @@ class Parser(argparse.ArgumentParser):
 
     def add_argument(self, *names, **options):
         action = super().add_argument(*names, **options)
-        shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS
+        nothing = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS  # by identity and equality: a default of 0 is shown
+        shown = not nothing and action.help != argparse.SUPPRESS
         if shown and "default" not in (action.help or "").lower():
             action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
         return action
