@@ -265,3 +265,4 @@ def test_train_and_distill_hand_the_recipe_typed_values(monkeypatch, capsys, tmp
     cfg = recipes[-1]
     assert (cfg.teacher, cfg.preset, cfg.init, cfg.distill_alpha, cfg.distill_beta, cfg.max_steps, cfg.model) == (
         str(tmp_path / "t"), "tiny-gpt2", "", 1.0, 2.0, 5, {"n_layer": 2})
+    assert main(["train", "--out", str(tmp_path / "b"), "--time-limit", "2m"]) == 0 and recipes[-1].time_limit == 120

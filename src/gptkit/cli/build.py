@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .flags import seconds
+
 
 def cmd_info(args) -> None:
     import torch
@@ -60,7 +62,8 @@ def cmd_train(args, **fields) -> None:
     from ..train.recipe import DEFAULT_TIME_LIMIT, has_limit
 
     flags = dict(preset=args.preset, init=args.init, data=args.data, out=args.out, max_steps=args.max_steps,
-                 time_limit=args.time_limit, device=args.device, **fields)
+                 time_limit=None if args.time_limit is None else seconds(args.time_limit, "--time-limit"),
+                 device=args.device, **fields)
     if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(args.overrides)):
         print(f"no recipe or limit given: training for {DEFAULT_TIME_LIMIT:.0f} seconds (set --max-steps or "
               f"--time-limit)")
@@ -117,7 +120,7 @@ def _add_run_flags(s) -> None:
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
     s.add_argument("--out", help="run directory (a checkpoint directory)")
     s.add_argument("--max-steps", type=int)
-    s.add_argument("--time-limit", type=float, metavar="SECONDS")
+    s.add_argument("--time-limit", metavar="DURATION", help="seconds of training, or with a unit (600s, 10m, 1h)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
