@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from gptkit.lab import evolution, scaling
-from gptkit.lab.runs import Run, body_params, run
+from gptkit.lab.runs import LabRun, body_params, complete
 from gptkit.lab.scaling import RECIPE, grid_config
 from gptkit.tokenizer import Tokenizer
 from gptkit.train.trainer import default_data_dir
@@ -52,7 +52,7 @@ def bench_scaling(args, data: str, out: Path) -> None:
     budget = 2 * max(tokens)
     n = body_params(config)
     predicted = law.loss(n, budget)
-    result = run(Run(f"predicted-n{n}-d{budget}", config, RECIPE), out, data, {"max_tokens": budget}, 0)
+    result = complete(LabRun(f"predicted-n{n}-d{budget}", config, RECIPE), out, data, {"max_tokens": budget}, 0)
     measured = result["val_loss"]
     error = (measured - predicted) / predicted
     print(f"\nScaling lab on {data} ({cpu_kind()}): {len(fitted['points'])} runs in {grid_s:.0f} s")

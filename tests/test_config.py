@@ -48,3 +48,33 @@ def test_flops_per_token_follows_6n_plus_attention():
     c = model.config
     n = model.num_params(embeddings=False) + c.vocab_size * c.n_embd
     assert model.flops_per_token(64) == 6 * n + 12 * c.n_layer * c.n_embd * 64
+
+
+def test_one_typed_reader_for_configs_recipes_and_fine_tuning():
+    """GPTConfig, a train recipe and fine-tuning settings read their fields' types one way and say so alike."""
+    from gptkit.config import field_types, parse_text
+    from gptkit.finetune import FinetuneConfig, FinetuneError
+    from gptkit.train import TrainConfig
+    from gptkit.train.recipe import RecipeError
+
+    for kind, error, int_field, float_field in ((GPTConfig, ConfigError, "n_layer", "dropout"),
+                                                (TrainConfig, RecipeError, "batch_size", "lr"),
+                                                (FinetuneConfig, FinetuneError, "epochs", "lr")):
+        types = field_types(kind)
+        with pytest.raises(error, match=f"^{int_field} must be an integer, got 'abc'$"):
+            kind(**{int_field: parse_text(types[int_field], "abc")})
+        with pytest.raises(error, match=f"^{int_field} must be an integer, got 2.5$"):
+            kind(**{int_field: parse_text(types[int_field], "2.5")})
+        made = kind(**{int_field: parse_text(types[int_field], "3"), float_field: parse_text(types[float_field], "0" if kind is GPTConfig else "1")})
+        assert getattr(made, int_field) == 3 and type(getattr(made, float_field)) is float  # TOML's 1 is exact
+    types = field_types(GPTConfig)
+    assert parse_text(types["local_layers"], "1,3") == [1, 3] == parse_text(types["local_layers"], "[1, 3]")
+    assert parse_text(types["n_kv_head"], "none") is None and parse_text(types["norm"], "rmsnorm") == "rmsnorm"
+    assert parse_text(field_types(TrainConfig)["device"], "0") == "0"  # a string field keeps its text
+    assert GPTConfig(local_layers=[1], window=4).local_layers == (1,)  # JSON's list: a hashable tuple
+    with pytest.raises(ConfigError, match="^norm must be layernorm or rmsnorm, got 'batchnorm'$"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ConfigError, match=r"^n_kv_head must be an integer or null, got '2'$"):
+        GPTConfig.from_dict({"n_kv_head": "2"})  # JSON's string is no number: only text is read as one
+    with pytest.raises(ConfigError, match="^prenorm must be true or false, got 1$"):
+        GPTConfig(prenorm=1)

@@ -157,6 +157,17 @@ def test_bad_inputs(world, tmp_path):
         apply_lora(GPT(preset("tiny-gpt2", vocab_size=10)), ("attn.q_proj",), 4, 8)
 
 
+def test_choice_columns_are_ordered_by_their_number(tmp_path):
+    """option_10 and option_11 come after option_9 (a text sort would put them after option_1)."""
+    header = ["context", *(f"option_{i}" for i in range(12)), "label"]
+    (tmp_path / "c.csv").write_text(",".join(header) + "\n" + ",".join(["x", *(f"o{i}" for i in range(12)), "11"]) + "\n")
+    [example] = load_examples(tmp_path / "c.csv", "choice")
+    assert example.fields["options"] == [f"o{i}" for i in range(12)] and example.label == "11"
+    (tmp_path / "d.csv").write_text("context,option_0,option_x,label\nx,a,b,0\n")
+    with pytest.raises(TaskDataError, match="'option_x' is not option_ and a number"):
+        load_examples(tmp_path / "d.csv", "choice")
+
+
 def reviews(n, seed):
     rng = random.Random(seed)
     return [labelled(rng) for _ in range(n)]

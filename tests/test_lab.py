@@ -9,7 +9,7 @@ import pytest
 
 from gptkit import GPTConfig
 from gptkit.cli import main
-from gptkit.lab import fit, generations, ladder, shape
+from gptkit.lab import fit_scaling_law, generations, ladder, shape
 from gptkit.lab.evolution import write_table
 from gptkit.lab.runs import body_params
 
@@ -42,7 +42,7 @@ def test_the_fit_recovers_known_exponents():
     N, D = np.meshgrid([1e5, 3e5, 1e6, 3e6], [1e6, 3e6, 1e7, 3e7])
     N, D = N.ravel(), D.ravel()
     L = (1.7 + 400 / N ** 0.34 + 410 / D ** 0.28) * np.exp(rng.normal(0, 1e-3, N.shape))
-    law = fit(N, D, L)
+    law = fit_scaling_law(N, D, L)
     assert law.alpha == pytest.approx(0.34, abs=0.03) and law.beta == pytest.approx(0.28, abs=0.03)
     assert law.E == pytest.approx(1.7, rel=0.05)
     n, d = law.optimal(1e18)
@@ -113,3 +113,54 @@ def test_the_scaling_grid_has_one_model_per_size_within_5_percent():
     sizes = [1e5, 2e5, 4e5, 8e5, 1.6e6, 3.2e6]
     counts = [body_params(grid_config(512, 64, n)) for n in sizes]
     assert all(abs(c / n - 1) < 0.05 for c, n in zip(counts, sizes)), counts
+
+
+@pytest.mark.parametrize("text", ["{", '{"E": 1}', "[]"])
+def test_a_fit_that_is_not_one_is_one_line(tmp_path, capsys, text):
+    (tmp_path / "fit.json").write_text(text)
+    assert main(["lab", "scaling", "--predict", "1e6,1e8", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "fit.json is not a fit written by `gptkit lab scaling`" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("predict", ["1e6", "1e6,x", "1e6,1e8,3", "0,5"])
+def test_predict_needs_two_positive_numbers(tmp_path, capsys, predict):
+    assert main(["lab", "scaling", "--predict", predict, "--out", str(tmp_path)]) == 1
+    assert "--predict" in capsys.readouterr().err
+
+
+def test_a_lab_run_trains_its_config_and_recipe_as_they_are(tmp_path):
+    from gptkit import preset
+
+    for lab_run in [*generations(BASE), *ladder(BASE)]:
+        cfg = lab_run.train_config(tmp_path / "r", "data-dir", {"time_limit": 60}, seed=3)
+        assert preset(cfg.preset, **cfg.model) == lab_run.config, lab_run.name
+        assert all(getattr(cfg, k) == v for k, v in lab_run.recipe.items())
+        assert (cfg.time_limit, cfg.max_steps, cfg.seed, cfg.out, cfg.data) == (60.0, 0, 3, str(tmp_path / "r"),
+                                                                                "data-dir")
+
+
+@pytest.mark.parametrize("marker", [None, b'{"name": "tiny", "seed": 0, "params": 1', b"", b"\xff\xfe", b"{}"])
+def test_a_missing_or_cut_short_marker_resumes_the_run_without_training_it_again(data, tmp_path, marker):
+    """result.json says a lab run finished; one cut short (as a plain write killed midway leaves it) or missing
+    counts as not finished: the run resumes from its checkpoint, which had reached the budget, so nothing trains
+    again and the marker is written whole from the run's metrics."""
+    import torch
+
+    from gptkit.lab.runs import RESULT_FILE, LabRun, complete
+    from gptkit.train.trainer import STATE_FILE
+
+    lab_run = LabRun("tiny", GPTConfig(vocab_size=512, context=32, n_layer=2, n_head=2, n_embd=32),
+                     {"warmup_steps": 2, "batch_size": 4})
+    first = complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0)
+    directory = tmp_path / "tiny-seed0"
+    steps = torch.load(directory / STATE_FILE, weights_only=True)["step"]
+    if marker is None:
+        (directory / RESULT_FILE).unlink()
+    else:
+        (directory / RESULT_FILE).write_bytes(marker)
+    again = complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0)
+    assert torch.load(directory / STATE_FILE, weights_only=True)["step"] == steps  # no step trained again
+    assert (again["tokens"], again["val_loss"], again["params"]) == (first["tokens"], first["val_loss"], first["params"])
+    assert json.loads((directory / RESULT_FILE).read_text()) == again
+    assert complete(lab_run, tmp_path, str(data), {"max_tokens": 1024}, 0) == again  # finished: read, not run

@@ -8,7 +8,7 @@ from gptkit.train import TrainError, load_recipe, train
 from gptkit.train.metrics import read_metrics
 from gptkit.train.optim import lr_factor, orthogonalize
 from gptkit.train.recipe import RecipeError
-from gptkit.train.trainer import Run
+from gptkit.train.trainer import TrainingRun
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 200
 MODEL = "model={n_layer=2, n_head=2, n_embd=32, context=32}"
@@ -47,17 +47,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkey
     cfg = recipe(data, tmp_path / "full", "max_steps=20", f"optimizer=\"{optimizer}\"", "model.dropout=0.1")
     train(cfg, quiet=True)
 
-    original = Run.save
+    original = TrainingRun.save
 
     def save_then_die(self):
         original(self)
         raise KeyboardInterrupt  # killed right after the step-10 checkpoint
 
-    monkeypatch.setattr(Run, "save", save_then_die)
+    monkeypatch.setattr(TrainingRun, "save", save_then_die)
     resumed = cfg.replace(out=str(tmp_path / "resumed"))
     with pytest.raises(KeyboardInterrupt):
         train(resumed, quiet=True)
-    monkeypatch.setattr(Run, "save", original)
+    monkeypatch.setattr(TrainingRun, "save", original)
     train(resumed, resume=True, quiet=True)
 
     a = checkpoint.load_model(tmp_path / "full").state_dict()
@@ -115,7 +115,7 @@ def test_recipe_file_and_overrides(tmp_path):
         "tiny-modern", 3e-4, {"n_layer": 2, "n_embd": 64}, "wsd", 5)
     with pytest.raises(RecipeError, match="unknown recipe field"):
         load_recipe(None, ["learning_rate=1"])
-    with pytest.raises(RecipeError, match="batch_size must be int"):
+    with pytest.raises(RecipeError, match="batch_size must be an integer, got .big."):
         load_recipe(None, ["batch_size=big"])
     with pytest.raises(RecipeError, match="no recipe file"):
         load_recipe(tmp_path / "missing.toml")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
 from .errors import GptkitError
 
 
@@ -15,6 +20,99 @@ ADDED_LATER = {"attn_dropout", "head_size"}  # fields that checkpoints written b
 
 class ConfigError(GptkitError):
     """A config or preset that cannot describe a valid model."""
+
+
+# The one typed reader of config dataclasses (GPTConfig, train recipes, fine-tuning settings): a field's annotation
+# says what it holds; dicts (JSON, TOML) and text (`key=value`, flags) are read into it here and nowhere else.
+
+_MISMATCH = object()
+
+
+@functools.cache
+def field_types(cls) -> dict[str, Any]:
+    """Each field of the dataclass `cls` and its declared type (annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _arms(kind) -> tuple:
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+
+
+def _convert(kind, value):
+    """`value` as a `kind`, where that is exact (JSON and TOML write a float 3.0 as 3, a tuple as a list)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    for arm in _arms(kind):
+        origin, args = typing.get_origin(arm), typing.get_args(arm)
+        if arm is type(None) and value is None or arm in (str, bool, dict) and isinstance(value, arm):
+            return value
+        if arm is int and integer or arm is float and isinstance(value, float):
+            return value
+        if arm is float and integer:
+            return float(value)
+        if origin is Literal and any(value == a and type(value) is type(a) for a in args):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            items = [_convert(args[0], v) for v in value]
+            if _MISMATCH not in items:
+                return tuple(items)  # a tuple, not JSON's list: configs stay hashable
+    return _MISMATCH
+
+
+def _describe(kind) -> str:
+    words = []
+    for arm in _arms(kind):
+        origin, args = typing.get_origin(arm), typing.get_args(arm)
+        if origin is Literal:
+            words.append(", ".join(map(str, args[:-1])) + f" or {args[-1]}" if len(args) > 1 else str(args[0]))
+        elif origin is tuple:
+            words.append("a list of " + {int: "integers", float: "numbers", str: "strings"}[args[0]])
+        else:
+            words.append({int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                          dict: "a table of fields", type(None): "null"}[arm])
+    return " or ".join(words)
+
+
+def check_fields(obj, error: type[GptkitError]) -> None:
+    """Each field of the dataclass `obj` holds its declared type (exact conversions made in place), or `error`
+    names the field and what it must be."""
+    for name, kind in field_types(type(obj)).items():
+        value = getattr(obj, name)
+        converted = _convert(kind, value)
+        if converted is _MISMATCH:
+            raise error(f"{name} must be {_describe(kind)}, got {value!r}")
+        if converted is not value:
+            object.__setattr__(obj, name, converted)  # frozen dataclasses too
+
+
+def parse_text(kind, text: str):
+    """What a `key=value` string or a flag's text means for a field of type `kind` (checked when the config is
+    made): a TOML value (`3`, `1e-3`, `true`, `"x"`, `[1, 3]`, `{n_layer = 2}`); for a string, the text as it is;
+    for a list, comma-separated items too (`1,3`); for an optional field, `none` or `null`."""
+    text = text.strip()
+    if type(None) in _arms(kind) and text.lower() in ("none", "null"):
+        return None
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word
+    if not isinstance(value, str) and _convert(kind, text) is not _MISMATCH:
+        return text  # a string field given `3` or `true` means the text
+    item = next((typing.get_args(a)[0] for a in _arms(kind) if typing.get_origin(a) is tuple), None)
+    if item is not None and not isinstance(value, list):
+        return [parse_text(item, part) for part in text.split(",")]
+    return value
+
+
+def from_fields(cls, values: dict, error: type[GptkitError], what: str):
+    """The dataclass `cls` made from `values` (its fields' types are checked as it is made), or `error` naming
+    the fields it does not have."""
+    if not isinstance(values, dict):
+        raise error(f"a {what} must be a table of fields, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(field_types(cls)))
+    if unknown:
+        raise error(f"unknown {what} field(s): {', '.join(unknown)}")
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -42,29 +140,8 @@ class GPTConfig:
     local_layers: tuple[int, ...] = ()  # which layers use the band (GPT-3 alternates dense / banded)
 
     def __post_init__(self):
-        self._check_types()
+        check_fields(self, ConfigError)
         self.validate()
-
-    def _check_types(self) -> None:
-        """Each field holds its declared type (JSON numbers and lists are converted where that is exact)."""
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.type.replace(" | None", "")
-            if value is None and f.type.endswith("| None"):
-                continue
-            integer = isinstance(value, int) and not isinstance(value, bool)
-            if kind == "float" and integer:
-                object.__setattr__(self, f.name, float(value))
-            elif kind == "tuple[int, ...]" and isinstance(value, (list, tuple)):
-                object.__setattr__(self, f.name, tuple(value))  # JSON gives lists; keep the config hashable
-            ok = {"int": integer, "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-                  "bool": isinstance(value, bool),
-                  "tuple[int, ...]": isinstance(value, (list, tuple))
-                  and all(isinstance(i, int) and not isinstance(i, bool) for i in value)}.get(kind, isinstance(value, str))
-            if not ok:
-                name = {"int": "an integer", "float": "a number", "bool": "true or false",
-                        "tuple[int, ...]": "a list of integers"}.get(kind, "a string")
-                raise ConfigError(f"{f.name} must be {name}{' or null' if f.type.endswith('| None') else ''}, "
-                                  f"got {value!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -93,17 +170,11 @@ class GPTConfig:
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.attn_dropout is None or 0.0 <= self.attn_dropout < 1.0,
              f"attn_dropout must be in [0, 1), got {self.attn_dropout}")
-        need(self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r}")
-        need(self.pos in ("learned", "rope"), f"unknown positions {self.pos!r}")
-        need(self.activation in ("gelu", "gelu_tanh", "swiglu", "relu2"), f"unknown activation {self.activation!r}")
         need(not self.local_layers or (self.window or 0) > 0, "local_layers needs a positive window")
         need(all(0 <= i < self.n_layer for i in self.local_layers), "local_layers names a layer that does not exist")
 
     def replace(self, **changes) -> GPTConfig:
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
+        return from_fields(GPTConfig, {**self.to_dict(), **changes}, ConfigError, "config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,19 +182,10 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict, complete: bool = False) -> GPTConfig:
         """The config `d` describes; `complete`: every field must be given (a saved config states them all)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a JSON object of fields, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = set(d) - set(names)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        missing = [n for n in names if n not in d and n not in ADDED_LATER]
+        missing = [n for n in field_types(cls) if isinstance(d, dict) and n not in d and n not in ADDED_LATER]
         if complete and missing:
             raise ConfigError(f"missing config field(s): {', '.join(missing)}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"invalid config: {e}") from None
+        return from_fields(cls, d, ConfigError, "config")
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -7,11 +7,26 @@ import argparse
 import os
 import sys
 
+from ..errors import GptkitError
 from . import build, convert, lab, run, tune
 
 OPTIONAL_MODULES = {"transformers": "hf", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
                     "sacrebleu": "eval", "rouge_score": "eval", "datasets": "hf", "gguf": "gguf",
                     "scipy": "lab"}  # module -> the extra
+
+
+class Parser(argparse.ArgumentParser):
+    """A parser whose flags show their default in --help, documented or not; not where the help already names
+    it, nor where there is none to show (None, a switch's False, an empty list)."""
+
+    def add_argument(self, *names, **options):
+        action = super().add_argument(*names, **options)
+        nothing = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS  # by identity and equality: a default of 0 is shown
+        shown = not nothing and action.help != argparse.SUPPRESS
+        if shown and "default" not in (action.help or "").lower():
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
+        return action
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,24 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         release = version("gptkit")
     except PackageNotFoundError:
         release = "unknown"
-    p = argparse.ArgumentParser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
+    p = Parser(prog="gptkit", description="Build, train, fine-tune, evaluate and serve GPT models.")
     p.add_argument("--version", action="version", version=f"gptkit {release}")
-    sub = p.add_subparsers(dest="command", required=True)
-    plain_add = sub.add_parser
-
-    def add_parser(name, **kw):  # every subcommand's --help shows its defaults, documented flags or not
-        parser = plain_add(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-        plain_argument = parser.add_argument
-
-        def add_argument(*names, **options):
-            if "help" not in options and options.get("default") not in (None, False, []):
-                options["help"] = "(default: %(default)s)"
-            return plain_argument(*names, **options)
-
-        parser.add_argument = add_argument
-        return parser
-
-    sub.add_parser = add_parser
+    sub = p.add_subparsers(dest="command", required=True)  # subcommands (and theirs) are Parsers too
     for group in (build, run, tune, convert, lab):
         group.register(sub)
     return p
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptkit: error: {e.name} is not installed; pip install 'gptkit[{OPTIONAL_MODULES[e.name]}]'",
               file=sys.stderr)
         return 1
-    except (ValueError, OSError, RuntimeError) as e:  # our errors subclass ValueError; files raise OSError
+    except (GptkitError, OSError) as e:  # what the user can act on; anything else is a bug and shows its traceback
         if os.environ.get("GPTKIT_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

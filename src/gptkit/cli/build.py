@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .flags import seconds
+
 
 def cmd_info(args) -> None:
     import torch
@@ -54,17 +56,19 @@ def cmd_prepare(args) -> None:
           f"{meta['vocab_size']} token {meta['tokenizer']['kind']} vocabulary)")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args, **fields) -> None:
+    """`fields`: recipe fields the command sets itself (distill's), over the recipe and its overrides."""
     from ..train import load_recipe, train
     from ..train.recipe import DEFAULT_TIME_LIMIT, has_limit
 
-    overrides = list(args.overrides) + ([f"init={args.init}"] if args.init else [])
-    if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(overrides)):
+    flags = dict(preset=args.preset, init=args.init, data=args.data, out=args.out, max_steps=args.max_steps,
+                 time_limit=None if args.time_limit is None else seconds(args.time_limit, "--time-limit"),
+                 device=args.device, **fields)
+    if not (args.config or args.max_steps is not None or args.time_limit is not None or has_limit(args.overrides)):
         print(f"no recipe or limit given: training for {DEFAULT_TIME_LIMIT:.0f} seconds (set --max-steps or "
               f"--time-limit)")
-        overrides += [f"time_limit={DEFAULT_TIME_LIMIT}", "max_steps=0"]
-    cfg = load_recipe(args.config, overrides, preset=args.preset, data=args.data, out=args.out,
-                      max_steps=args.max_steps, time_limit=args.time_limit, device=args.device)
+        flags |= {"time_limit": DEFAULT_TIME_LIMIT, "max_steps": 0}
+    cfg = load_recipe(args.config, args.overrides, **flags)
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return 0
@@ -116,7 +120,7 @@ def _add_run_flags(s) -> None:
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
     s.add_argument("--out", help="run directory (a checkpoint directory)")
     s.add_argument("--max-steps", type=int)
-    s.add_argument("--time-limit", type=float, metavar="SECONDS")
+    s.add_argument("--time-limit", metavar="DURATION", help="seconds of training, or with a unit (600s, 10m, 1h)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: auto)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="any recipe field, e.g. lr=3e-4 model.n_layer=6")
@@ -135,9 +139,8 @@ def _add_train(sub) -> None:
 def cmd_distill(args) -> None:
     student = Path(args.student)
     args.preset, args.init = (None, str(student)) if student.is_dir() else (args.student, None)
-    args.overrides = [*args.overrides, f"teacher={args.teacher}", f"distill_temperature={args.temperature}",
-                      f"distill_alpha={args.alpha}", f"distill_beta={args.beta}", f"distill_cosine={args.cosine}"]
-    return cmd_train(args)
+    return cmd_train(args, teacher=args.teacher, distill_temperature=args.temperature, distill_alpha=args.alpha,
+                     distill_beta=args.beta, distill_cosine=args.cosine)
 
 
 def _add_distill(sub) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+from .flags import UsageError, seconds
 
 
 def _data(args) -> str:
@@ -15,31 +18,43 @@ def _data(args) -> str:
 
 def _budget(args) -> dict:
     if (args.budget is None) == (args.tokens is None):
-        raise ValueError("give one budget per run: --budget SECONDS or --tokens N")
-    return {"time_limit": args.budget} if args.budget is not None else {"max_tokens": args.tokens}
+        raise UsageError("give one budget per run: --budget SECONDS or --tokens N")
+    return {"time_limit": seconds(args.budget, "--budget")} if args.budget is not None else {"max_tokens": args.tokens}
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < math.inf for v in values):
+        raise UsageError(f"{flag} must be comma-separated positive numbers, got {text!r}")
+    return values
 
 
 def cmd_evolution(args) -> None:
     from ..lab import evolution
 
-    out = Path(args.out)
+    budget, out = _budget(args), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = _budget(args)
     evolution(_data(args), out, budget, params=args.params, seeds=args.seeds, context=args.context)
     print((out / "table.md").read_text() + f"\nwritten to {out / 'table.md'} and {out / 'evolution.png'}")
 
 
 def cmd_scaling(args) -> None:
-    from ..lab import load_fit, scaling
+    from ..lab import load_scaling_law, scaling
 
     out = Path(args.out)
     if args.predict:
-        n, d = (float(x) for x in args.predict.split(","))
-        print(f"predicted validation loss at N = {n:,.0f}, D = {d:,.0f}: {load_fit(out).loss(n, d):.4f}")
+        values = _numbers(args.predict, "--predict")
+        if len(values) != 2:
+            raise UsageError(f"--predict takes two numbers, N,D (parameters, tokens), got {args.predict!r}")
+        n, d = values
+        print(f"predicted validation loss at N = {n:,.0f}, D = {d:,.0f}: {load_scaling_law(out).loss(n, d):.4f}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    sizes = [float(x) for x in args.sizes.split(",")]
-    tokens = [int(float(x)) for x in args.tokens.split(",")]
+    sizes = _numbers(args.sizes, "--sizes")
+    tokens = [int(x) for x in _numbers(args.tokens, "--tokens")]
     scaling(_data(args), out, sizes, tokens, context=args.context)
 
 
@@ -49,7 +64,7 @@ def register(sub) -> None:
     s = labs.add_parser("evolution", help="GPT-1, GPT-2, GPT-3-style, modern and the one-change ladder, "
                         "at matched size on the same data")
     s.add_argument("--data", help="prepared data directory (default: the embedded corpus)")
-    s.add_argument("--budget", type=float, metavar="SECONDS", help="training time per run")
+    s.add_argument("--budget", metavar="DURATION", help="training time per run: seconds, or with a unit (600s, 10m, 1h)")
     s.add_argument("--tokens", type=int, help="training tokens per run (instead of --budget)")
     s.add_argument("--params", type=float, default=2e6, help="non-embedding parameters of every model")
     s.add_argument("--seeds", type=int, default=1)

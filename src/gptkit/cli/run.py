@@ -7,6 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from .flags import UsageError
+
 
 def _sampling(args):
     from ..generate import SamplingParams
@@ -37,7 +39,7 @@ def cmd_generate(args) -> None:
     lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {args.num_samples}")
+        raise UsageError(f"--num-samples must be at least 1, got {args.num_samples}")
     for i in range(args.num_samples):
         steps = lm.stream_batch([prompt], dataclasses.replace(params, seed=row_seed(params.seed, i)))  # checks first
         if i:
@@ -98,7 +100,7 @@ def cmd_serve(args) -> None:
     for flag in ("max_batch", "max_queue", "request_timeout"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..config import field_types, parse_text
+from .flags import UsageError
+
 
 def task_inputs(task: str) -> tuple[str, ...]:
     """A task's input fields (finetune/data.py's FIELDS, less the label)."""
@@ -15,19 +18,26 @@ def task_inputs(task: str) -> tuple[str, ...]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, kind, help: dict[str, str], skip: tuple[str, ...] = ()) -> None:
-    """A `--field-name` flag per field of the dataclass `kind`, with its type and default (one place for both)."""
+    """A `--field-name` flag per field of the dataclass `kind`, its default shown as it would be typed; the text
+    given is read as the field's type by `config_from_flags` (one place for both)."""
+    types = field_types(kind)
     for f in dataclasses.fields(kind):
         if f.name in skip:
             continue
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if f.type == "bool":
+        flag = "--" + f.name.replace("_", "-")
+        if types[f.name] is bool:
             parser.add_argument(flag, action="store_true", help=help.get(f.name))
-        elif f.type.startswith("tuple"):
-            parser.add_argument(flag, type=lambda text: tuple(text.split(",")), default=",".join(default),
-                                help=help.get(f.name))  # argparse passes a string default through `type`
         else:
-            kind_of = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
-            parser.add_argument(flag, type=kind_of, default=default, help=help.get(f.name))
+            shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            parser.add_argument(flag, default=shown, help=help.get(f.name))
+
+
+def config_from_flags(kind, args):
+    """The dataclass `kind` from the flags `add_config_flags` made: each flag's text read as its field's type
+    (a bad one named in one line)."""
+    types = field_types(kind)
+    given = {name: getattr(args, name) for name in types if hasattr(args, name)}
+    return kind(**{name: parse_text(types[name], v) if isinstance(v, str) else v for name, v in given.items()})
 
 
 def cmd_finetune(args) -> None:
@@ -36,13 +46,12 @@ def cmd_finetune(args) -> None:
     from ..finetune.fit import check_out, clear_out
     from ..finetune.sft import load_conversations, sft
 
+    cfg = config_from_flags(SFTConfig if args.task == "sft" else FinetuneConfig, args)  # settings first: no data read
     check_out(Path(args.out), Path(args.base), args.overwrite, args.resume)
     read = (lambda p: load_conversations(p, args.skip_bad)) if args.task == "sft" else \
         (lambda p: load_examples(p, args.task, skip_bad=args.skip_bad))
     train = read(args.train)
     train, val = (train, read(args.val)) if args.val else hold_out(train, args.train)
-    kind = SFTConfig if args.task == "sft" else FinetuneConfig
-    cfg = kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind)})
     if args.overwrite and not args.resume:
         clear_out(Path(args.out))
     if args.task == "sft":
@@ -62,7 +71,7 @@ def cmd_classify(args) -> None:
     fields = {k: getattr(args, k) for k in task_inputs(task)}
     if any(v in (None, []) for v in fields.values()):
         flags = ("--option" if k == "options" else "--" + k.replace("_", "-") for k in fields)
-        raise ValueError(f"a {task} model needs " + " ".join(flags))
+        raise UsageError(f"a {task} model needs " + " ".join(flags))
     label, probs = predict(model, tokenizer, fields)
     print(f"label: {label}")
     for name, p in sorted(probs.items(), key=lambda kv: -kv[1]):

@@ -58,6 +58,17 @@ def read_text(path: Path) -> str:
         raise TaskDataError(f"no such file: {path}") from None
 
 
+def option_columns(row: dict, where: str) -> list[str]:
+    """The option_N columns' values in the order of N (option_10 after option_9, not after option_1)."""
+    numbered = {}
+    for key in row:
+        if key.startswith("option_"):
+            if not key[len("option_"):].isdigit():
+                raise TaskDataError(f"{where}: column {key!r} is not option_ and a number")
+            numbered[int(key[len("option_"):])] = row[key]
+    return [numbered[i] for i in sorted(numbered)]
+
+
 def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[Example]:
     path = Path(path)
     if task not in FIELDS:
@@ -88,7 +99,7 @@ def load_examples(path: str | Path, task: str, skip_bad: bool = False) -> list[E
                 continue
             row = dict(zip(names, values))
             if task == "choice" and "options" not in row:  # option_0, option_1, ... columns
-                row["options"] = [row[k] for k in sorted(row) if k.startswith("option_")]
+                row["options"] = option_columns(row, f"{path}:{n}")
             examples.append(_check(row, task, f"{path}:{n}", skip_bad))
     examples = [e for e in examples if e is not None]
     if not examples:

@@ -26,17 +26,17 @@ class ResumeError(GptkitError):
 
 
 @dataclass
-class FitResult:
+class LoopResult:
     best: float  # the best epoch's score
     best_state: dict
     history: list[dict] = field(default_factory=list)
 
 
-def fit(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: int,
+def finetune_loop(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: int,
         batches: Callable[[random.Random], Iterable], loss: Callable[[object], torch.Tensor],
         evaluate: Callable[[], dict], score: str, rng: random.Random, out: Path, identity: dict,
         lower_is_better: bool = False, warmup: float = 0.0, clip: float = 1.0, resume: bool = False,
-        quiet: bool = False) -> FitResult:
+        quiet: bool = False) -> LoopResult:
     """Train `model` (its parameters in the AdamW `groups`) for up to `epochs`. `batches(rng)` gives one
     epoch's batches, `loss(batch)` their loss, `evaluate()` a dict of validation metrics of which `score`
     picks the best epoch (the highest, or the lowest with `lower_is_better`). `identity` (base, task, settings) must match on resume.
@@ -48,7 +48,7 @@ def fit(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (min(1.0, (s + 1) / warm) if warmup else 1.0) * max(0.0, 1 - s / steps))
     sign = -1.0 if lower_is_better else 1.0
-    result, stale, first = FitResult(-sign * math.inf, {}), 0, 0
+    result, stale, first = LoopResult(-sign * math.inf, {}), 0, 0
     if resume:
         state = _load(out, identity)
         model.load_state_dict(state["model"])
@@ -56,7 +56,7 @@ def fit(model: nn.Module, groups: list[dict], lr: float, epochs: int, patience: 
         schedule.load_state_dict(state["schedule"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        result = FitResult(state["best"], state["best_state"], state["history"])
+        result = LoopResult(state["best"], state["best_state"], state["history"])
         stale, first = state["stale"], state["epoch"]
     for epoch in range(first, epochs):
         if stale >= patience:

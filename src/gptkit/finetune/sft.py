@@ -14,9 +14,23 @@ from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
 from ..train.loss import IGNORE_INDEX, model_loss
 from .data import read_text
-from .fit import finished, fit
+from .fit import finetune_loop, finished
 from .lora import merge_lora
 from .tasks import FinetuneError, TuneConfig, prepare_base, run_identity
+
+
+def _messages(line: str) -> list[dict]:
+    """One JSONL line's conversation, or a FinetuneError saying what is wrong with it."""
+    try:
+        messages = json.loads(line)["messages"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise FinetuneError("not a JSON object with a messages list") from None
+    if not (isinstance(messages, list) and all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                               and isinstance(m.get("content"), str) for m in messages)):
+        raise FinetuneError("messages must be a list of {role: system|user|assistant, content: text}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FinetuneError("the conversation has no assistant turn to learn from")
+    return messages
 
 
 def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[dict]]:
@@ -26,21 +40,10 @@ def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[di
         if not line.strip():
             continue
         try:
-            messages = json.loads(line)["messages"]
-            ok = isinstance(messages, list) and all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and
-                isinstance(m.get("content"), str) for m in messages)
-            if not ok:
-                raise ValueError("messages must be a list of {role: system|user|assistant, content: text}")
-            if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError("the conversation has no assistant turn to learn from")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            if skip_bad:
-                continue
-            reason = str(e) if isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError) else \
-                "not a JSON object with a messages list"
-            raise FinetuneError(f"{path}:{n}: {reason}") from None
-        conversations.append(messages)
+            conversations.append(_messages(line))
+        except FinetuneError as e:
+            if not skip_bad:
+                raise FinetuneError(f"{path}:{n}: {e}") from None
     if not conversations:
         raise FinetuneError(f"{path} has no conversations")
     return conversations
@@ -85,7 +88,7 @@ def sft(base: str | Path, train: list[list[dict]], val: list[list[dict]], out: s
         return {"val_loss": loss / len(held)}
 
     group = {"params": trainable, "weight_decay": 0.0 if cfg.lora_rank else cfg.weight_decay}
-    result = fit(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
+    result = finetune_loop(gpt, [group], cfg.lr, cfg.epochs, cfg.patience, batches, lambda b: sft_loss(gpt, b), evaluate,
                  "val_loss", rng, Path(out), run_identity(base, cfg), lower_is_better=True, clip=cfg.clip_norm,
                  resume=resume, quiet=quiet)
     merge_lora(gpt)

@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from ..errors import GptkitError
 from .. import checkpoint, files
+from ..config import check_fields
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..train.loss import IGNORE_INDEX
 from ..train.loss import lm_loss as language_model_loss
 from .data import Example
-from .fit import finished, fit
+from .fit import finetune_loop, finished
 from .lora import apply_lora, lora_state, merge_lora
 
 POOLS = ("last", "mean")
@@ -134,19 +135,19 @@ def prepare_base(base: str | Path, cfg: TuneConfig, tokens: tuple[str, ...]) -> 
 def encode(tokenizer: Tokenizer, spec: TaskSpec, fields: dict, context: int) -> list[list[int]]:
     s, d, x = (tokenizer.special[t] for t in SPECIAL)
 
-    def fit(first: list[int], rest: list[int]) -> list[int]:
+    def framed(first: list[int], rest: list[int]) -> list[int]:  # <start> first rest <extract>, first cut to fit
         room = context - len(rest) - 2
         return [s] + first[-room:] + rest + [x] if room > 0 else [s] + rest[-(context - 2):] + [x]
 
     enc = tokenizer.encode
     if spec.task == "classify":
-        return [fit(enc(fields["text"]), [])]
+        return [framed(enc(fields["text"]), [])]
     if spec.task == "entail":
-        return [fit(enc(fields["premise"]), [d] + enc(fields["hypothesis"]))]
+        return [framed(enc(fields["premise"]), [d] + enc(fields["hypothesis"]))]
     if spec.task == "similar":
         a, b = enc(fields["text_a"]), enc(fields["text_b"])
-        return [fit(a, [d] + b), fit(b, [d] + a)]
-    return [fit(enc(fields["context"]), [d] + enc(o)) for o in fields["options"]]
+        return [framed(a, [d] + b), framed(b, [d] + a)]
+    return [framed(enc(fields["context"]), [d] + enc(o)) for o in fields["options"]]
 
 
 def label_index(spec: TaskSpec, example: Example) -> int:
@@ -203,6 +204,7 @@ class TuneConfig:
     device: str = "cpu"
 
     def __post_init__(self):
+        check_fields(self, FinetuneError)
         checks = [(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
                   (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
                   (self.eval_batch >= 1, f"eval_batch must be at least 1, got {self.eval_batch}"),
@@ -272,7 +274,7 @@ def finetune(base: str | Path, train: list[Example], val: list[Example], out: st
         value = F.cross_entropy(logits, torch.tensor([y for _, y in chunk], device=logits.device))
         return value if lm_loss is None else value + cfg.lm_weight * lm_loss
 
-    result = fit(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+    result = finetune_loop(model, [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                  cfg.lr, cfg.epochs, cfg.patience, lambda r: length_batches(encoded, cfg.batch_size, r), loss,
                  lambda: {"val_accuracy": accuracy(model, tokenizer, val, cfg.eval_batch)}, "val_accuracy", rng,
                  Path(out), run_identity(base, cfg, labels), warmup=0.02, clip=cfg.clip_norm, resume=resume, quiet=quiet)
@@ -305,16 +307,23 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
                        TASK_FILE: task, name: text})
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{path} is not valid JSON: {e}") from None
+
+
 def load_task(path: str | Path, device: str = "cpu") -> tuple[TaskModel, Tokenizer]:
     """A fine-tuned task model: a full checkpoint with task.json, or a LoRA adapter directory."""
     path = Path(path)
     if not (path / TASK_FILE).exists():
         raise FinetuneError(f"{path} is not a fine-tuned task model (no {TASK_FILE})")
-    d = json.loads((path / TASK_FILE).read_text())
+    d = _read_json(path / TASK_FILE)
     spec = TaskSpec(d["task"], tuple(d["labels"]), d.get("pool", "last"))
     tokenizer = Tokenizer.load(path)
     if (path / ADAPTER_META).exists():
-        meta = json.loads((path / ADAPTER_META).read_text())
+        meta = _read_json(path / ADAPTER_META)
         if meta.get("base_sha256") not in (None, checkpoint.weights_sha256(meta["base"])):
             raise FinetuneError(f"{path} was trained on other weights than those now in {meta['base']}; "
                                 f"restore that base, or fine-tune again")

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
+from ..files import atomic_write
 from ..data import TokenShards
 from ..tokenizer import Tokenizer
-from .runs import Run, body_params, match_width, run, shape, time_to
+from .runs import LabRun, body_params, complete, match_width, shape, time_to
 
 GPT1 = dict(prenorm=False, pos="learned", norm="layernorm", activation="gelu", bias=True, qk_norm=False)
 # (row, model field changes, recipe changes): each rung changes exactly one thing from the one before
@@ -33,24 +34,24 @@ BASE_RECIPE = {"optimizer": "adamw", "schedule": "cosine", "lr": 3e-3, "warmup_s
 GPT1_LR = 2.5e-4
 
 
-def ladder(base: GPTConfig) -> list[Run]:
+def ladder(base: GPTConfig) -> list[LabRun]:
     """The ablation rungs, each at the size of GPT-2's rung (its MLP width adjusted to match)."""
     config, recipe, rungs = base.replace(**GPT1), dict(BASE_RECIPE), []
     target = body_params(config.replace(prenorm=True))
     for name, model, changes in LADDER:
         model = {k: (max(1, config.n_head // 2) if v == "half" else v) for k, v in model.items()}
         config, recipe = match_width(config.replace(**model), target) if model else config, {**recipe, **changes}
-        rungs.append(Run(name, config, recipe))
+        rungs.append(LabRun(name, config, recipe))
     return rungs
 
 
-def generations(base: GPTConfig) -> list[Run]:
+def generations(base: GPTConfig) -> list[LabRun]:
     """GPT-1 (under the shared recipe, and at its paper's learning rate: post-norm needs a gentler one), GPT-2,
     GPT-3-style (alternating dense and locally banded attention) and modern, at matched size."""
     rungs = ladder(base)
     gpt1, gpt2 = rungs[0], rungs[1]
-    gpt1_own_lr = Run(f"GPT-1 at its paper's lr ({GPT1_LR:g})", gpt1.config, {**gpt1.recipe, "lr": GPT1_LR})
-    gpt3 = Run("GPT-3-style (banded)", gpt2.config.replace(window=max(16, base.context // 4),
+    gpt1_own_lr = LabRun(f"GPT-1 at its paper's lr ({GPT1_LR:g})", gpt1.config, {**gpt1.recipe, "lr": GPT1_LR})
+    gpt3 = LabRun("GPT-3-style (banded)", gpt2.config.replace(window=max(16, base.context // 4),
                                                            local_layers=tuple(range(1, base.n_layer, 2))), gpt2.recipe)
     return [gpt1, gpt1_own_lr, gpt2, gpt3, rungs[-1]]
 
@@ -70,7 +71,7 @@ def evolution(data: str, out: Path, budget: dict, params: float = 2e6, seeds: in
     results = []
     for lab_run in [rungs[0], gpt1_own_lr, rungs[1], gpt3, *rungs[2:]]:
         for seed in range(seeds):
-            result = run(Run(slug(lab_run.name), lab_run.config, lab_run.recipe), Path(out), data, budget, seed)
+            result = complete(LabRun(slug(lab_run.name), lab_run.config, lab_run.recipe), Path(out), data, budget, seed)
             result["name"] = lab_run.name
             say(f"{lab_run.name} (seed {seed}): val loss {result['val_loss']:.4f}, {result['tokens']:,} tokens, "
                 f"{result['tokens_per_s']:,.0f} tokens/s")
@@ -110,7 +111,7 @@ def write_table(results: list[dict], path: Path, token_bytes: float, reference: 
     lines.append(f"\nVal loss: the last evaluation's; bits/byte: of the validation text; seconds to {common:.3f}: "
                  f"when a run first reaches {reference}'s final loss (—: never).")
     text = "\n".join(lines) + "\n"
-    path.write_text(text)
+    atomic_write(path, text)
     return text
 
 

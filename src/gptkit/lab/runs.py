@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 from ..errors import GptkitError
+from ..files import atomic_write
 from ..config import GPTConfig
 from ..model import GPT
-from ..train import load_recipe, train
+from ..train import TrainConfig, train
 from ..train.metrics import read_metrics
 from ..train.trainer import STATE_FILE
 
-RESULT_FILE = "result.json"  # written last: a run with it is finished
+RESULT_FILE = "result.json"  # written last (atomically): a run with it is finished
+SUMMARY_KEYS = {"name", "seed", "params", "tokens", "elapsed_s", "tokens_per_s", "val_loss", "curve"}
 
 
 class LabError(GptkitError):
@@ -57,30 +59,30 @@ def match_width(config: GPTConfig, target: int) -> GPTConfig:
 
 
 @dataclass
-class Run:
+class LabRun:
     """One training run of a lab: a name, its model config and recipe changes, and where it lives."""
 
     name: str
     config: GPTConfig
-    recipe: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)  # TrainConfig fields
 
-    def overrides(self) -> list[str]:
-        model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
-                 for k, v in self.config.to_dict().items() if v is not None]
-        return [*model, *(f"{k}={json.dumps(v)}" for k, v in self.recipe.items())]
+    def train_config(self, directory: Path, data: str, budget: dict, seed: int) -> TrainConfig:
+        """The run's recipe: its model config whole, its recipe changes, the lab's budget (instead of steps)."""
+        return TrainConfig(**{"preset": "gpt2", "model": self.config.to_dict(), "data": data, "out": str(directory),
+                              "max_steps": 0, "seed": seed, "eval_interval": 50, "ckpt_interval": 200,
+                              **self.recipe, **budget})
 
 
-def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
+def complete(lab_run: LabRun, out: Path, data: str, budget: dict, seed: int, quiet: bool = True) -> dict:
     """Train `lab_run` (or continue it where it stopped; or skip it when finished): its result."""
     directory = out / f"{lab_run.name}-seed{seed}"
-    if (directory / RESULT_FILE).exists():
-        return json.loads((directory / RESULT_FILE).read_text())
+    summary = finished_summary(directory)
+    if summary is not None:
+        return summary
     resume = (directory / STATE_FILE).exists()
     if directory.exists() and not resume:
         shutil.rmtree(directory)  # killed before its first checkpoint: start it again
-    cfg = load_recipe(None, [*lab_run.overrides(), f"seed={seed}", "eval_interval=50", "ckpt_interval=200"],
-                      preset="gpt2", data=data, out=str(directory), max_steps=0, **budget)
-    result = train(cfg, resume=resume, quiet=quiet)
+    result = train(lab_run.train_config(directory, data, budget, seed), resume=resume, quiet=quiet)
     rows = read_metrics(directory / "metrics.jsonl")
     curve = [(r["step"], r["val_loss"], r["elapsed_s"]) for r in rows if "val_loss" in r]
     train_rows = [r for r in rows if "tokens" in r]
@@ -90,8 +92,20 @@ def run(lab_run: Run, out: Path, data: str, budget: dict, seed: int, quiet: bool
                "tokens_per_s": result["tokens"] / max(result["elapsed_s"], 1e-9),
                "val_loss": curve[-1][1] if curve else result["val_loss"],  # a resumed finished run trains no step
                "curve": [{"tokens": s * tokens_per_step, "val_loss": v, "elapsed_s": e} for s, v, e in curve]}
-    (directory / RESULT_FILE).write_text(json.dumps(summary, indent=1))
+    atomic_write(directory / RESULT_FILE, json.dumps(summary, indent=1))
     return summary
+
+
+def finished_summary(directory: Path) -> dict | None:
+    """A finished run's summary; None where the run has not finished. A marker that cannot be read (cut short by an
+    older gptkit's plain write, or damaged) counts as not finished: the run then resumes from its last checkpoint,
+    which trains nothing when that checkpoint had reached the budget, and the marker is written again from the
+    run's own metrics. A user restarting a lab expects it to carry on, not to stop at a file only the lab writes."""
+    try:
+        summary = json.loads((directory / RESULT_FILE).read_text())
+    except (FileNotFoundError, ValueError):  # no marker, or not JSON (UnicodeDecodeError is a ValueError too)
+        return None
+    return summary if isinstance(summary, dict) and SUMMARY_KEYS <= summary.keys() else None
 
 
 def time_to(curve: list[dict], loss: float, key: str) -> float:

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from ..config import GPTConfig
+from ..files import atomic_write
 from ..tokenizer import Tokenizer
-from .runs import LabError, Run, body_params, match_width, run, shape
+from .runs import LabError, LabRun, body_params, complete, match_width, shape
 
 RECIPE = {"lr": 3e-3, "warmup_steps": 20, "batch_size": 8, "schedule": "wsd"}  # every run of the grid: its own full schedule
 
 
 @dataclass(frozen=True)
-class Fit:
+class ScalingLaw:
     E: float
     A: float
     B: float
@@ -37,7 +38,7 @@ class Fit:
         return G * (compute / 6) ** a, (compute / 6) ** b / G
 
 
-def fit(N, D, L, delta: float = 1e-3) -> Fit:
+def fit_scaling_law(N, D, L, delta: float = 1e-3) -> ScalingLaw:
     """The least Huber-loss fit of log L over a grid of starting points (Hoffmann et al. 2022, approach 3)."""
     from scipy.optimize import minimize
 
@@ -63,7 +64,7 @@ def fit(N, D, L, delta: float = 1e-3) -> Fit:
         if best is None or result.fun < best.fun:
             best = result
     a, b, e, alpha, beta = best.x
-    return Fit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+    return ScalingLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
 
 
 def grid_config(vocab: int, context: int, params: float) -> GPTConfig:
@@ -72,22 +73,22 @@ def grid_config(vocab: int, context: int, params: float) -> GPTConfig:
 
 
 def scaling(data: str, out: Path, sizes: list[float], tokens: list[int], context: int = 256, seed: int = 0,
-            say=print) -> Fit:
+            say=print) -> ScalingLaw:
     """Train every size x token budget (resumable), fit the law, write `fit.json` and `scaling.png`."""
     vocab = Tokenizer.load(Path(data)).vocab_size
     points = []
     for params, budget in itertools.product(sizes, tokens):
         config = grid_config(vocab, context, params)
-        result = run(Run(f"n{body_params(config)}-d{budget}", config, RECIPE), Path(out), data, {"max_tokens": budget},
+        result = complete(LabRun(f"n{body_params(config)}-d{budget}", config, RECIPE), Path(out), data, {"max_tokens": budget},
                      seed)
         say(f"N = {result['params']:,}, D = {result['tokens']:,}: val loss {result['val_loss']:.4f}")
         points.append((result["params"], result["tokens"], result["val_loss"]))
-    law = fit(*zip(*points))
+    law = fit_scaling_law(*zip(*points))
     largest = max(6 * n * d for n, d, _ in points)
     n_opt, d_opt = law.optimal(largest)
     record = {**asdict(law), "points": points, "compute_optimal": {"compute": largest, "params": n_opt,
                                                                     "tokens": d_opt, "tokens_per_param": d_opt / n_opt}}
-    (Path(out) / "fit.json").write_text(json.dumps(record, indent=1))
+    atomic_write(Path(out) / "fit.json", json.dumps(record, indent=1))
     plot(law, points, Path(out) / "scaling.png")
     say(f"L(N, D) = {law.E:.3f} + {law.A:.3g} / N^{law.alpha:.3f} + {law.B:.3g} / D^{law.beta:.3f}; at "
         f"C = {largest:.2e} FLOPs the optimum is N = {n_opt:,.0f}, D = {d_opt:,.0f} ({d_opt / n_opt:.1f} tokens "
@@ -95,15 +96,19 @@ def scaling(data: str, out: Path, sizes: list[float], tokens: list[int], context
     return law
 
 
-def load_fit(out: Path) -> Fit:
+def load_scaling_law(out: Path) -> ScalingLaw:
     path = Path(out) / "fit.json"
     if not path.exists():
         raise LabError(f"no fit in {out}: run `gptkit lab scaling` there first")
-    record = json.loads(path.read_text())
-    return Fit(**{k: record[k] for k in ("E", "A", "B", "alpha", "beta")})
+    try:
+        record = json.loads(path.read_text())
+        return ScalingLaw(**{k: float(record[k]) for k in ("E", "A", "B", "alpha", "beta")})
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a fit's record
+        raise LabError(f"{path} is not a fit written by `gptkit lab scaling` ({type(e).__name__}: {e}); "
+                       f"run it again") from None
 
 
-def plot(law: Fit, points: list[tuple], png: Path) -> None:
+def plot(law: ScalingLaw, points: list[tuple], png: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

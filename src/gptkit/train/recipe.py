@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import GptkitError
-from ..config import preset
+from ..config import GPTConfig, check_fields, field_types, from_fields, parse_text, preset
 
 
 LIMITS = ("max_steps", "max_tokens", "time_limit")
@@ -73,15 +73,12 @@ class TrainConfig:
     progress_seconds: float = 30.0  # when stderr is not a terminal: a plain progress line this often
 
     def __post_init__(self):
+        check_fields(self, RecipeError)
         checks = [
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.grad_accum >= 1, "grad_accum must be at least 1"),
             (self.max_steps > 0 or self.max_tokens > 0 or self.time_limit > 0,
              "give a limit: max_steps, max_tokens or time_limit"),
-            (self.optimizer in ("adamw", "muon"), f"unknown optimizer {self.optimizer!r}"),
-            (self.schedule in ("cosine", "wsd", "constant"), f"unknown schedule {self.schedule!r}"),
-            (self.strategy in ("ddp", "fsdp"), f"strategy must be ddp or fsdp, got {self.strategy!r}"),
-            (self.dtype in ("fp32", "bf16", "auto"), f"dtype must be fp32, bf16 or auto, got {self.dtype!r}"),
             (self.lr > 0, "lr must be positive"),
             (self.eval_interval >= 1 and self.ckpt_interval >= 1 and self.log_interval >= 1,
              "intervals must be at least 1"),
@@ -91,8 +88,6 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise RecipeError(msg)
-        if not isinstance(self.model, dict):
-            raise RecipeError(f"model must be a table of config fields, got {self.model!r}")
         preset(self.preset, **self.model)  # an unknown preset or a bad model field fails now, before any data work
 
     def replace(self, **changes) -> TrainConfig:
@@ -104,15 +99,8 @@ def has_limit(overrides: list[str]) -> bool:
     return any(o.split("=")[0].strip().replace("-", "_") in LIMITS for o in overrides)
 
 
-def _parse_value(text: str):
-    """A TOML value (`3`, `1e-3`, `true`, `"x"`, `{n_layer = 2}`); a bare word stays a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """`values` with each `key=value` (or `model.FIELD=value`) override, read as its field's type."""
     values = dict(values)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -120,9 +108,14 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {item!r} is not key=value")
         key = key.strip().replace("-", "_")
         if key.startswith("model."):
-            values["model"] = {**values.get("model", {}), key[len("model."):]: _parse_value(text.strip())}
+            name = key[len("model."):]
+            kind = field_types(GPTConfig).get(name, str)  # an unknown field is named when the model is made
+            model = values.get("model", {})
+            values["model"] = {**(model if isinstance(model, dict) else {}), name: parse_text(kind, text)}
+        elif key in field_types(TrainConfig):
+            values[key] = parse_text(field_types(TrainConfig)[key], text)
         else:
-            values[key] = _parse_value(text.strip())
+            raise RecipeError(f"unknown recipe field(s): {key}")
     return values
 
 
@@ -138,15 +131,4 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = (), **fla
             raise RecipeError(f"{path}: {e}") from None
     values = apply_overrides(values, list(overrides))
     values |= {k: v for k, v in flags.items() if v is not None}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise RecipeError(f"unknown recipe field(s): {', '.join(unknown)}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for k, v in values.items():  # TOML has no float for `3`; accept ints where floats are meant
-        if types[k] == "float" and isinstance(v, int) and not isinstance(v, bool):
-            values[k] = float(v)
-        expected = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}.get(types[k])
-        if expected and not isinstance(values[k], expected):
-            raise RecipeError(f"{k} must be {types[k]}, got {values[k]!r}")
-    return TrainConfig(**values)
+    return from_fields(TrainConfig, values, RecipeError, "recipe")

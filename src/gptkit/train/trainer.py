@@ -72,7 +72,7 @@ def evaluate_loss(model: GPT, data: TokenShards, block: int, batch_size: int, de
     return total / count
 
 
-class Run:
+class TrainingRun:
     """Everything one training run holds; `save` and `restore` make it resumable."""
 
     def __init__(self, cfg: TrainConfig, resume: bool):
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
-    run = Run(cfg, resume)
+    run = TrainingRun(cfg, resume)
     with StopRequest(enabled=not run.dist.active) as stop:
         try:
             return _loop(run, cfg, resume, quiet, stop)
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool) -> dict:
             raise
 
 
-def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> torch.Tensor:
+def _optimizer_step(run: TrainingRun, cfg: TrainConfig, compiled, autocast, unigram) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches (gradients all-reduced on the last); the summed loss."""
     factor = lr_factor(run.step, run.progress(), cfg)
     for opt in run.optimizers:
@@ -300,7 +300,7 @@ def _optimizer_step(run: Run, cfg: TrainConfig, compiled, autocast, unigram) -> 
     return loss_sum
 
 
-def _loop(run: Run, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
+def _loop(run: TrainingRun, cfg: TrainConfig, resume: bool, quiet: bool, stop: StopRequest) -> dict:
     model, device, main = run.model, run.device, run.dist.main
     with_loss = (LanguageModelLoss(model, run.wrapped) if run.teacher is None else
                  DistillationLoss(model, run.wrapped, run.teacher, cfg.distill_temperature, cfg.distill_alpha,
