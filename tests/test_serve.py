@@ -423,12 +423,13 @@ def test_the_kv_budget_is_on_metrics_and_a_prompt_past_it_is_a_400(lm):
         assert r.status_code == 400 and "KV cache's whole budget of 48 tokens" in r.json()["error"]["message"]
 
 
-def test_serve_takes_a_kv_memory_size(tmp_path):
-    from gptkit.cli.run import byte_size
+def test_serve_takes_a_kv_memory_size():
+    from gptkit.cli.flags import UsageError, byte_size
 
-    assert byte_size("2G") == 2 << 30 and byte_size("512M") == 512 << 20 and byte_size("1000") == 1000
-    with pytest.raises(Exception, match="a size like 2G"):
-        byte_size("lots")
+    assert byte_size("2G", "f") == 2 << 30 and byte_size("512M", "f") == 512 << 20 and byte_size("1000", "f") == 1000
+    assert byte_size("1.5gb", "f") == 3 << 29
+    with pytest.raises(UsageError, match="--kv-memory must be a size"):
+        byte_size("lots", "--kv-memory")
 
 
 def test_response_format_json_schema_and_json_object_are_honoured(client):

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPTConfig
+from .errors import GptkitError
+
+
+class ContextError(GptkitError):
+    """A sequence longer than the model's context or the cache's rows."""
 
 
 class _Rows:
@@ -294,16 +299,16 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None:
             if T > self.config.context:
-                raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.context}")
+                raise ContextError(f"sequence of {T} tokens exceeds the context of {self.config.context}")
             pos, dense, local = torch.arange(T, device=idx.device), None, None
             if self.config.local_layers:
                 dense, local = self._masks(pos[None], T)
         else:
             lengths = cache.row_lengths()
             if max(lengths) + T > self.config.context:
-                raise ValueError(f"sequence of {max(lengths) + T} tokens exceeds the context of {self.config.context}")
+                raise ContextError(f"sequence of {max(lengths) + T} tokens exceeds the context of {self.config.context}")
             if max(lengths) + T > cache.max_len:
-                raise ValueError(f"sequence of {max(lengths) + T} tokens exceeds the cache's {cache.max_len} positions")
+                raise ContextError(f"sequence of {max(lengths) + T} tokens exceeds the cache's {cache.max_len} positions")
             pos = cache.positions(T)
             dense = local = None
             if self.config.local_layers or any(n != lengths[0] for n in lengths) or (T > 1 and lengths[0] > 0):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-from .flags import UsageError
+from .flags import UsageError, byte_size
 
 
 def _sampling(args):
@@ -77,19 +76,6 @@ def cmd_eval(args) -> None:
     print(f"written to {written}")
 
 
-def byte_size(text: str) -> int:
-    """`2G`, `512M`, `64K` or a number of bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a size like 2G, 512M or 1000000 bytes, got {text!r}")
-    return int(value)
-
-
 def cmd_serve(args) -> None:
     import gptkit
 
@@ -104,7 +90,8 @@ def cmd_serve(args) -> None:
     lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(lm, name, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     request_timeout=args.request_timeout, kv_memory=args.kv_memory)
+                     request_timeout=args.request_timeout,
+                     kv_memory=None if args.kv_memory is None else byte_size(args.kv_memory, "--kv-memory"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # one line per request
     print(f"serving {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, metrics at /metrics, "
           f"docs at /docs)", flush=True)
@@ -169,7 +156,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 requests")
     s.add_argument("--model-name", help="model id clients use (default: the checkpoint directory's name)")
     s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (rows of the KV cache)")
-    s.add_argument("--kv-memory", type=byte_size, metavar="BYTES",
+    s.add_argument("--kv-memory", metavar="BYTES",
                    help="memory for keys and values, e.g. 2G or 512M (default: what --max-batch full-context rows "
                         "need, at most 1G); requests wait until their blocks fit")
     s.add_argument("--max-queue", type=int, help="requests waiting for a row before new ones get 429 "
