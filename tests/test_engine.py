@@ -99,3 +99,21 @@ def test_an_evicted_prefix_is_computed_again(model):
     run(engine, [b])  # needs the blocks a left cached: they are evicted
     assert engine.pool.evictions > 0
     assert run(engine, [a]) == [alone(model, a)]
+
+
+def test_prompt_log_probs_equal_the_models_own_and_zero_new_tokens_scores_only(model):
+    prompt = prompts(1, 40)[0]
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt]))[0].log_softmax(-1)
+    expected = [lp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    for new, chunk in ((0, 512), (3, 16)):  # scored alone, or before 3 new tokens; in one pass or in chunks
+        engine = Engine(model, max_batch=2, block_size=8, prefill_chunk=chunk)
+        run(engine, [prompt])  # the prompt is cached now: scoring must not reuse it
+        r = engine.add(Request(prompt, SamplingParams(max_new_tokens=new, temperature=0, prompt_logprobs=2)))
+        outputs = [o for _ in range(20) for o in engine.step() if o.request is r]
+        first = outputs[0]
+        assert [t.token for t in first.prompt_logprobs] == prompt[1:]
+        torch.testing.assert_close([t.logprob for t in first.prompt_logprobs], expected, atol=1e-4, rtol=0)
+        assert all(len(t.top) == 2 and t.top[0][1] >= t.logprob - 1e-6 for t in first.prompt_logprobs)
+        assert len(outputs) == max(new, 1) and outputs[-1].finish_reason == "length"
+        assert sum(o.completion_tokens > 0 for o in outputs) == new

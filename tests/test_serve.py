@@ -459,3 +459,28 @@ def test_settings_the_server_does_not_implement_are_refused_by_name(client):
                          ({"response_format": bad_schema}, "response_format")]:
         r = client.post("/v1/chat/completions", json=chat | extra)
         assert r.status_code == 400 and field in (r.json()["error"]["param"] or "") + r.json()["error"]["message"], r.text
+
+
+def test_prompt_logprobs_as_lm_eval_local_completions_asks_for_them(client, lm):
+    """lm-eval's `local-completions` scores a continuation with echo + logprobs (max_tokens 1, or 0) and sums
+    token_logprobs[ctxlen:-1]: before, every such request was a 400."""
+    ids = [lm.tokenizer.encode("The quick brown fox"), lm.tokenizer.encode("def add(a, b): return")]
+    with torch.no_grad():
+        expected = [[lp.item() for lp in lm.model(torch.tensor([p]))[0].log_softmax(-1)[
+            torch.arange(len(p) - 1), torch.tensor(p[1:])]] for p in ids]
+    payload = {"model": "tiny", "prompt": ids, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    for max_tokens in (1, 0):
+        r = client.post("/v1/completions", json=payload | {"max_tokens": max_tokens})
+        assert r.status_code == 200, r.text
+        for choice, p, want in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), ids, expected):
+            block = choice["logprobs"]
+            assert len(block["token_logprobs"]) == len(p) + max_tokens and block["token_logprobs"][0] is None
+            torch.testing.assert_close(block["token_logprobs"][1:len(p)], want, atol=1e-4, rtol=0)
+            ctxlen = 2
+            assert sum(block["token_logprobs"][ctxlen:-1]) == pytest.approx(sum(want[ctxlen - 1:len(p) - 1 - (max_tokens == 0)]), abs=1e-3)
+            top = block["top_logprobs"][1]
+            assert len(top) == 1 and max(top.values()) >= block["token_logprobs"][1] - 1e-6
+            assert choice["text"].startswith(lm.tokenizer.decode(p)) and block["text_offset"][0] == 0
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -57,6 +57,7 @@ class Output:
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # with a request's first output: prompt tokens 1..n-1
 
 
 @dataclass(eq=False)
@@ -71,6 +72,7 @@ class _Row:
     output: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in the cache
     logits: Tensor | None = None  # next-token logits once the prompt is in
+    prompt_logprobs: list[TokenLogprob] | None = None  # asked for: filled by the prefill, sent with the first output
 
 
 def row_seed(seed: int | None, index: int) -> int | None:
@@ -175,9 +177,14 @@ class Engine:
             self._drop_cancelled()
             self._admit()
             self._prefill()
+            scored = [self._scored_only(i) for i, row in enumerate(self.rows)
+                      if row.logits is not None and row.request.params.max_new_tokens == 0]
+            self.in_step = [o.request for o in scored]  # done: only their prompt was asked for
+            self._free([i for i, row in enumerate(self.rows) if any(row.request is r for r in self.in_step)])
             ready = [i for i, row in enumerate(self.rows) if row.logits is not None]
             if not ready:
-                return []
+                self.in_step = []
+                return scored
             self.max_rows = max(self.max_rows, len(ready))
             rows = [self.rows[i] for i in ready]
             logits = torch.stack([row.logits for row in rows])
@@ -185,8 +192,9 @@ class Engine:
             logprobs = self._logprobs(rows, logits, tokens)
             outputs = [self._emit(row, t, lp) for row, t, lp in zip(rows, tokens, logprobs)]
             done = {id(row) for row, o in zip(rows, outputs) if o.finish_reason is not None}
-            self.in_step = [row.request for row in rows if id(row) in done]
+            self.in_step += [row.request for row in rows if id(row) in done]
             going = [(row, t) for row, t in zip(rows, tokens) if id(row) not in done]
+            outputs = scored + outputs
             self._free([i for i, row in enumerate(self.rows) if id(row) in done])
             if going:
                 self._decode(going)
@@ -231,7 +239,8 @@ class Engine:
         while self.waiting and len(self.rows) < self.cache.batch:
             request = self.waiting[0]
             names = block_hashes(request.prompt[:-1], self.block_size)
-            hits = self.pool.cached_prefix(names)
+            scored = request.params.prompt_logprobs is not None  # every prompt position's logits: no reuse
+            hits = 0 if scored else self.pool.cached_prefix(names)
             need = self._worst_case(request) - hits
             if need > self._available() - self.pool.idle_among(names[:hits]):
                 return  # it waits for blocks; the requests behind it wait their turn
@@ -244,7 +253,8 @@ class Engine:
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
             matcher = Matcher(request.grammar, self.tokenizer, request.stop_ids) if request.grammar else None
             self.rows.append(_Row(request, detok, gen, torch.tensor(request.prompt, device=device), need,
-                                  names[:hits], matcher, prefilled=len(shared) * self.block_size))
+                                  names[:hits], matcher, prefilled=len(shared) * self.block_size,
+                                  prompt_logprobs=[] if scored else None))
 
     def _grow(self, slot: int, row: _Row, length: int) -> None:
         """Blocks for row `slot` to hold `length` positions (taken from its reservation)."""
@@ -276,11 +286,26 @@ class Engine:
             self._grow(slot, row, row.prefilled + len(chunk))
             view = self.cache.select(slot, slot + 1)
             h = self.stepper.prefill(torch.tensor([chunk], device=self.cache.device), view)
+            if row.prompt_logprobs is not None:
+                self._score_prompt(row, h[0])
             row.prefilled += len(chunk)
             self.cache.lengths[slot] = row.prefilled
             self._remember(slot, row, prompt[:row.prefilled])
             if row.prefilled == len(prompt):
                 row.logits = self.stepper.logits(h[0, -1])
+
+    def _score_prompt(self, row: _Row, h: Tensor) -> None:
+        """The log-probs of the prompt tokens that the chunk's positions [T, n_embd] predict."""
+        prompt, start, k = row.request.prompt, row.prefilled, row.request.params.prompt_logprobs
+        targets = prompt[start + 1:start + 1 + len(h)]
+        if not targets:
+            return
+        lp = self.stepper.logits(h[:len(targets)])[:, :self.vocab].float().log_softmax(-1)
+        chosen = lp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
+        top = lp.topk(k) if k else None
+        for j, (token, value) in enumerate(zip(targets, chosen)):
+            row.prompt_logprobs.append(TokenLogprob(token, value, list(zip(top.indices[j].tolist(),
+                                                                           top.values[j].tolist())) if k else []))
 
     def _sample(self, rows: list[_Row], logits: Tensor) -> list[int]:
         """Next token of every row. Rows with the same settings and no seed of their own share one call."""
@@ -321,7 +346,13 @@ class Engine:
                                      list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
         return result
 
+    def _scored_only(self, i: int) -> Output:
+        """A request that asked for no new token (max_new_tokens 0): its prompt's log-probs, and done."""
+        row = self.rows[i]
+        return Output(row.request, "", -1, None, "length", 0, prompt_logprobs=row.prompt_logprobs)
+
     def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None) -> Output:
+        first = not row.output
         row.output.append(token)
         r, detok = row.request, row.detok
         text = detok.push(token) if detok is not None else ""
@@ -335,7 +366,8 @@ class Engine:
         if finish is None and (len(row.output) >= r.params.max_new_tokens or position >= self.max_len):
             finish = "length"
             text += detok.finish("length") if detok is not None else ""
-        return Output(r, text, token, logprob, finish, len(row.output))
+        return Output(r, text, token, logprob, finish, len(row.output),
+                      prompt_logprobs=row.prompt_logprobs if first else None)
 
     def _decode(self, going: list[tuple[_Row, int]]) -> None:
         """One forward pass for the rows that sampled and go on (they are rows 0..n-1: the prefilling ones follow)."""

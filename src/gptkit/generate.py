@@ -37,11 +37,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-prob and the k most likely
     num_beams: int = 1  # > 1: beam search (deterministic; the sampling settings are not used)
     json_schema: dict | str | None = None  # structured output: every reply is JSON valid under it (grammar.py)
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's log-prob and the k most likely
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
         checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.max_new_tokens >= 1 or self.max_new_tokens == 0 and self.prompt_logprobs is not None,
+             f"max_new_tokens must be at least 1 (0 only to score the prompt), got {self.max_new_tokens}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.temperature >= 0 and math.isfinite(self.temperature),
              f"temperature must be a finite number >= 0, got {self.temperature}"),
             (self.top_k is None or self.top_k >= 1, f"top_k must be at least 1, got {self.top_k}"),

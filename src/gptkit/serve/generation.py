@@ -113,8 +113,10 @@ class Generation:
                 (metrics.ttft.observe(now - self.arrived) if seen is None else metrics.token_latency.observe(now - seen))
                 self.last_seen[i] = now
                 text, _, block, tokens = batch.get(i, ("", None, None, 0))
+                if event.prompt_logprobs is not None and self.echo:
+                    block = merge(block, self.prompt_block(i, event.prompt_logprobs))
                 batch[i] = (text + event.text, event.finish_reason, merge(block, self.logprob_block(i, event)),
-                            tokens + 1)
+                            tokens + (event.token >= 0))
                 remaining -= event.finish_reason is not None
             metrics.generated_tokens.inc(len(events))
             yield batch
@@ -124,7 +126,7 @@ class Generation:
     def logprob_block(self, i: int, out: Output) -> dict | None:
         """The OpenAI logprobs of one token: chat's `content` entries or completions' parallel lists."""
         lp, text_of = out.logprob, self.token_text
-        if lp is None:
+        if lp is None or out.token < 0:
             return None
         if self.kind == "chat":
             if lp.token in self.stop_ids:
@@ -138,6 +140,15 @@ class Generation:
                  "top_logprobs": [{text_of(t): v for t, v in lp.top}], "text_offset": [self.offsets[i]]}
         self.offsets[i] += len(text)
         return block
+
+    def prompt_block(self, i: int, scored: list) -> dict:
+        """Completions' logprobs of the echoed prompt: its first token has none (nothing predicts it)."""
+        prompt = self.prompts[i // self.body.n]
+        texts = [self.token_text(t) for t in prompt]
+        offsets = [sum(len(t) for t in texts[:j]) for j in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [None] + [s.logprob for s in scored],
+                "top_logprobs": [None] + [{self.token_text(t): v for t, v in s.top} for s in scored],
+                "text_offset": offsets}
 
     def token_text(self, token: int) -> str:
         return self.server.tokenizer.decode([token])
@@ -218,8 +229,9 @@ class Generation:
 def completion(server: Server, lm: LM, http: Request, body: CompletionRequest) -> Generation:
     """/v1/completions: prompts as a string, strings, token ids or lists of them; `echo`; EOT ends a choice."""
     tokenizer = server.tokenizer
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo together with logprobs is not supported", param="echo")
+    if body.max_tokens == 0 and not (body.echo and body.logprobs is not None):
+        raise APIError(400, "max_tokens 0 generates nothing: it scores the prompt, with echo and logprobs",
+                       param="max_tokens")
     raw = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     prompts = [lm.encode_prompt(p) if isinstance(p, str) else list(p) for p in raw]
     if not all(0 <= t < tokenizer.vocab_size for p in prompts for t in p):

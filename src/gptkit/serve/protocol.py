@@ -105,7 +105,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: score the prompt (echo and logprobs), as lm-eval asks
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
 
@@ -160,6 +160,7 @@ def sampling_params(body: Sampling, max_tokens: int, index: int, stop: tuple[str
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               stop=user_stop + stop, seed=row_seed(body.seed, index), logprobs=logprobs,
+                              prompt_logprobs=logprobs if getattr(body, "echo", False) else None,
                               json_schema=body.json_schema())
     except GenerationError as e:
         raise APIError(400, str(e)) from None
@@ -167,7 +168,7 @@ def sampling_params(body: Sampling, max_tokens: int, index: int, stop: tuple[str
 
 def token_budget(prompt: list[int], max_tokens: int | None, context: int, param: str) -> int:
     """New tokens a prompt may get: `max_tokens`, or what is left of the context when not given."""
-    if len(prompt) >= context:
+    if len(prompt) >= context + (max_tokens == 0):  # scoring alone (max_tokens 0) may fill the whole context
         raise APIError(400, f"prompt of {len(prompt)} tokens leaves no room in the model's context of {context}",
                        param=param, code="context_length_exceeded")
     if max_tokens is None:
