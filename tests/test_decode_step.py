@@ -152,11 +152,10 @@ def test_the_plan_checks_every_index_and_shape_before_it_touches_memory():
     ok = dict(tokens=torch.tensor([1]), positions=torch.tensor([0]), tables=torch.tensor([[0]]))
     with torch.inference_mode():
         plan(**ok, keys=cache.k, values=cache.v)
-        for change, message in [(dict(positions=torch.tensor([16])), "past the cache"),
-                                (dict(positions=torch.tensor([-1])), "past the cache"),
-                                (dict(tables=torch.tensor([[2]])), "cache blocks"),
-                                (dict(tokens=torch.tensor([model.config.vocab_size])), "token ids")]:
-            with pytest.raises(IndexError, match=message):
+        for change in [dict(positions=torch.tensor([16])), dict(positions=torch.tensor([-1])),
+                       dict(tables=torch.tensor([[2]])), dict(tokens=torch.tensor([model.config.vocab_size])),
+                       dict(tokens=torch.tensor([-1]))]:
+            with pytest.raises(IndexError, match="out of range"):
                 plan(**(ok | change), keys=cache.k, values=cache.v)
         other = GPT(dataclasses.replace(model.config, n_layer=1)).new_cache(2, 16)
         with pytest.raises(ValueError, match="a cache of shape"):

@@ -106,20 +106,29 @@ static inline long slot(const Step *s, long l, long m, long g, long KV, long j, 
     return (((l * s->n_blocks + s->tables[m * s->max_blocks + j / s->bs]) * KV + g) * s->bs + j % s->bs) * D;
 }
 
-/* y (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of row m, key head g */
+/* y (one head) = softmax(q . k_j / sqrt(D)) v over the cached positions from..to of row m, key head g; the
+ * positions are walked block by block (a block's bs positions of one head are contiguous) */
 static void attend(const Step *s, long l, long m, long g, long KV, const float *q, long from, long to, long D,
                    float *y) {
     float scores[to - from + 1], top = -INFINITY, total = 0.f, scale = 1.f / sqrtf((float)D);
-    for (long j = from; j <= to; j++) {
-        scores[j - from] = dot(q, s->kc + slot(s, l, m, g, KV, j, D), D) * scale;
-        top = fmaxf(top, scores[j - from]);
+    for (long j = from; j <= to;) {
+        long at = slot(s, l, m, g, KV, j, D), n = s->bs - j % s->bs;
+        if (n > to - j + 1) n = to - j + 1;
+        for (long t = 0; t < n; t++, j++) {
+            scores[j - from] = dot(q, s->kc + at + t * D, D) * scale;
+            top = fmaxf(top, scores[j - from]);
+        }
     }
     for (long j = 0; j <= to - from; j++) total += scores[j] = expf(scores[j] - top);
     for (long i = 0; i < D; i++) y[i] = 0.f;
-    for (long j = from; j <= to; j++) {
-        float p = scores[j - from] / total;
-        const float *v = s->vc + slot(s, l, m, g, KV, j, D);
-        for (long i = 0; i < D; i++) y[i] += p * v[i];
+    for (long j = from; j <= to;) {
+        long at = slot(s, l, m, g, KV, j, D), n = s->bs - j % s->bs;
+        if (n > to - j + 1) n = to - j + 1;
+        for (long t = 0; t < n; t++, j++) {
+            float p = scores[j - from] / total;
+            const float *v = s->vc + at + t * D;
+            for (long i = 0; i < D; i++) y[i] += p * v[i];
+        }
     }
 }
 
