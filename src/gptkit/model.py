@@ -33,6 +33,10 @@ class _Rows:
         view.window, view._index = slice(start, stop), None
         return view
 
+    @property
+    def device(self) -> torch.device:
+        return self.k.device  # (each cache holds its keys in `k` and its values in `v`)
+
     def row_lengths(self) -> list[int]:
         return self.lengths[self.window]
 
@@ -73,10 +77,6 @@ class KVCache(_Rows):
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
 
     def move_row(self, src: int, dst: int) -> None:
         n = self.lengths[src]
@@ -126,10 +126,6 @@ class PagedKVCache(_Rows):
     @property
     def block_size(self) -> int:
         return self.k.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
 
     def block_tables(self, blocks: int) -> Tensor:
         """The window's first `blocks` table entries [B, blocks] (0 past a row's own blocks: masked or unused)."""
