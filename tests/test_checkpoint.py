@@ -11,8 +11,8 @@ def test_save_load_round_trip(tiny_ckpt):
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
-    assert sorted(p.name for p in tiny_ckpt.iterdir()) == ["commit.json", "config.json", "model.safetensors",
-                                                           "tokenizer.json"]
+    assert sorted(p.name for p in tiny_ckpt.iterdir() if p.name != files.LOCK) == [
+        "commit.json", "config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_load_with_overrides_changes_only_those_fields(tiny_ckpt):
@@ -109,7 +109,7 @@ def test_files_are_created_with_the_users_umask(tmp_path):
         checkpoint.save(tmp_path / "c", GPT(preset("tiny-gpt2", vocab_size=20, context=16)))
     finally:
         os.umask(old)
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir()} == {
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir() if p.name != files.LOCK} == {
         "commit.json": "0o644", "config.json": "0o644", "model.safetensors": "0o644"}
 
 
@@ -167,7 +167,7 @@ def test_a_commit_killed_between_its_renames_is_finished_by_the_next_reader(tmp_
     assert (tmp_path / "a.bin").read_bytes() == b"step 2 a" and (tmp_path / "b.bin").read_bytes() == b"step 1 b"
     manifest = files.verify(tmp_path)  # rolls the journal forward: every new file was already whole
     assert manifest["step"] == 2 and (tmp_path / "b.bin").read_bytes() == b"step 2 b"
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != files.LOCK]
 
 
 def test_a_file_that_does_not_belong_to_the_checkpoint_is_named(tiny_ckpt):
@@ -177,3 +177,31 @@ def test_a_file_that_does_not_belong_to_the_checkpoint_is_named(tiny_ckpt):
     save_file(GPT(checkpoint.load_config(tiny_ckpt)).state_dict(), str(tiny_ckpt / "model.safetensors"))  # another time's
     with pytest.raises(CheckpointError, match="model.safetensors does not belong to the checkpoint"):
         checkpoint.verify(tiny_ckpt)
+
+
+def test_a_later_commit_after_an_unfinished_one_keeps_a_whole_checkpoint(tmp_path, monkeypatch):
+    """Step 2's commit killed after its journal, before any rename; step 3's killed while writing its files: the
+    directory must still hold one whole commit (before, step 3 removed step 2's temporaries and the manifest
+    ended up naming files that were gone)."""
+    import os
+
+    files.commit(tmp_path, {"a": b"step 1 a", "b": b"step 1 b"}, {"step": 1})
+    real = os.replace
+
+    def killed_at_first_rename(src, dst):
+        if not str(dst).endswith(files.PENDING) and "commit.json" not in str(dst):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        files.commit(tmp_path, {"a": b"step 2 a", "b": b"step 2 b"}, {"step": 2})
+    monkeypatch.setattr(os, "replace", real)
+
+    def killed_while_writing(path):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        files.commit(tmp_path, {"a": b"step 3 a", "b": killed_while_writing}, {"step": 3})
+    manifest = files.verify(tmp_path)
+    assert manifest["step"] == 2 and (tmp_path / "a").read_bytes() == b"step 2 a"  # the newest whole commit

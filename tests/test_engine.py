@@ -6,6 +6,7 @@ import torch
 
 from gptkit import GPT, SamplingParams, native, preset
 from gptkit.engine import Engine, Request, generate_tokens
+from gptkit.errors import GptkitError
 from gptkit.generate import GenerationError
 
 
@@ -117,3 +118,33 @@ def test_prompt_log_probs_equal_the_models_own_and_zero_new_tokens_scores_only(m
         assert all(len(t.top) == 2 and t.top[0][1] >= t.logprob - 1e-6 for t in first.prompt_logprobs)
         assert len(outputs) == max(new, 1) and outputs[-1].finish_reason == "length"
         assert sum(o.completion_tokens > 0 for o in outputs) == new
+
+
+def test_a_request_that_fails_to_start_is_handed_back_and_holds_no_blocks(model, monkeypatch):
+    import gptkit.engine as engine_module
+
+    engine = Engine(model, max_batch=2, block_size=8)
+    system = prompts(1, 40)[0]
+    run(engine, [system + [1]])  # its blocks are cached now: the next request would share them
+    r = engine.add(Request(system + [2], SamplingParams(max_new_tokens=3, temperature=0)))
+
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine_module, "Detokenizer", broken)
+    engine.tokenizer = object()  # (so that a detokenizer is built)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert [x.id for x in engine.abort()] == [r.id]
+    assert all(n == 0 for n in engine.pool.refs)
+
+
+def test_a_row_without_the_block_it_writes_is_refused_on_both_paths(model):
+    engine = Engine(model, max_batch=1, block_size=4)
+    cache = engine.cache
+    cache.tables[0], cache.lengths[0] = [engine.pool.allocate()], 4  # one full block; position 4 has none
+    with torch.inference_mode():
+        with pytest.raises(IndexError, match="out of range"):  # native: the missing block is -1, never block 0
+            engine.stepper.decode(torch.tensor([1]), cache.select(0, 1))
+        with pytest.raises(GptkitError, match="past the KV blocks"):
+            native.Stepper(model).decode(torch.tensor([1]), cache.select(0, 1))

@@ -27,7 +27,6 @@ from .tokenizer import Tokenizer
 
 BLOCK_SIZE = 16  # positions a KV block holds (vLLM's default)
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step at most, between decoding steps
-DEFAULT_KV_MEMORY = 1 << 30  # bytes of keys and values a server keeps, unless told otherwise
 
 
 @dataclass(eq=False)
@@ -87,9 +86,9 @@ def kv_bytes_per_token(model: GPT) -> int:
 
 class Engine:
     """Rows of a paged KV cache decoded step by step. Not thread-safe: one thread calls `add` and `step`.
-    `kv_memory`: bytes for keys and values (default: enough for `max_batch` rows of `max_len`, at most
-    DEFAULT_KV_MEMORY); a request is admitted once its worst case (prompt + max_new_tokens) fits beside the
-    running ones, and waits in the queue until then."""
+    `kv_memory`: bytes for keys and values (default: enough for `max_batch` rows of `max_len`; a server sets its
+    own budget); a request is admitted once its worst case (prompt + max_new_tokens) fits beside the running ones,
+    and waits in the queue until then."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer | None = None, max_batch: int = 16, max_len: int | None = None,
                  kv_memory: int | None = None, block_size: int = BLOCK_SIZE, prefill_chunk: int = PREFILL_CHUNK):
@@ -97,9 +96,10 @@ class Engine:
         self.stepper = native.stepper(self.model)
         self.max_len = min(max_len or model.config.context, model.config.context)
         per_block = kv_bytes_per_token(model) * block_size
-        blocks = -(-self.max_len // block_size) * max_batch
         if kv_memory is None:
-            kv_memory = min(blocks * per_block, DEFAULT_KV_MEMORY)
+            kv_memory = -(-self.max_len // block_size) * max_batch * per_block
+        if prefill_chunk < 1 or block_size < 1:
+            raise GenerationError(f"prefill_chunk and block_size must be at least 1, got {prefill_chunk}, {block_size}")
         n_blocks = kv_memory // per_block
         if n_blocks < 1:
             raise GenerationError(f"a KV memory of {kv_memory:,} bytes holds no block of {block_size} tokens "
@@ -163,6 +163,10 @@ class Engine:
 
     def add(self, request: Request) -> Request:
         self.check(request)
+        return self.enqueue(request)
+
+    def enqueue(self, request: Request) -> Request:
+        """Queue a request `check` has already passed (the server checks on the handler's thread)."""
         self.waiting.append(request)
         return request
 
@@ -244,17 +248,16 @@ class Engine:
             need = self._worst_case(request) - hits
             if need > self._available() - self.pool.idle_among(names[:hits]):
                 return  # it waits for blocks; the requests behind it wait their turn
-            self.waiting.popleft()
-            shared = self.pool.cached(names[:hits])
-            slot = len(self.rows)
-            self.cache.tables[slot], self.cache.lengths[slot] = list(shared), len(shared) * self.block_size
-            seed, device = request.params.seed, self.cache.device
+            seed, device = request.params.seed, self.cache.device  # what may raise comes first: nothing taken yet
             detok = Detokenizer(self.tokenizer, request.params.stop, request.stop_ids) if self.tokenizer else None
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
             matcher = Matcher(request.grammar, self.tokenizer, request.stop_ids) if request.grammar else None
-            self.rows.append(_Row(request, detok, gen, torch.tensor(request.prompt, device=device), need,
-                                  names[:hits], matcher, prefilled=len(shared) * self.block_size,
-                                  prompt_logprobs=[] if scored else None))
+            row = _Row(request, detok, gen, torch.tensor(request.prompt, device=device), need, names[:hits],
+                       matcher, prefilled=hits * self.block_size, prompt_logprobs=[] if scored else None)
+            self.waiting.popleft()
+            slot = len(self.rows)
+            self.cache.tables[slot], self.cache.lengths[slot] = self.pool.cached(names[:hits]), hits * self.block_size
+            self.rows.append(row)
 
     def _grow(self, slot: int, row: _Row, length: int) -> None:
         """Blocks for row `slot` to hold `length` positions (taken from its reservation)."""
@@ -381,7 +384,8 @@ class Engine:
         view.advance(1)
         for slot, ((row, _), row_logits) in enumerate(zip(going, logits)):
             row.logits = row_logits
-            self._remember(slot, row, row.request.prompt + row.output)
+            if self.cache.lengths[slot] // self.block_size > len(row.names):  # a block just filled
+                self._remember(slot, row, row.request.prompt + row.output)
 
 
 def engine_for(model: GPT, tokenizer: Tokenizer | None, prompts: list[list[int]], params: SamplingParams,
@@ -402,7 +406,8 @@ def generate_tokens(model: GPT, prompts: list[list[int]], params: SamplingParams
     out: dict[int, list[int]] = {r.id: [] for r in requests}
     while engine.has_work():
         for o in engine.step():
-            out[o.request.id].append(o.token)
+            if o.token >= 0:  # (a request for no new token ends with an output of none)
+                out[o.request.id].append(o.token)
     return [out[r.id] for r in requests]
 
 

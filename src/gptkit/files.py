@@ -10,7 +10,9 @@ a model only recovers: a config.json edited by hand on purpose still loads; resu
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -25,6 +27,7 @@ from .errors import GptkitError
 Writer = Callable[[Path], None]  # writes one file's full contents to the path it is given
 MANIFEST = "commit.json"
 PENDING = ".commit.json.pending"
+LOCK = ".commit.lock"  # one committer or recoverer of a directory at a time (several processes may load it)
 
 
 class DiskFullError(GptkitError):
@@ -122,10 +125,26 @@ def sha256(path: Path | str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@contextlib.contextmanager
+def _locked(directory: Path):
+    with open(directory / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def commit(directory: Path | str, files: dict[str, bytes | str | Writer], meta: dict | None = None) -> None:
     """Write `files` into `directory` as one commit, recorded in its manifest with `meta` (e.g. the step)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    with _locked(directory):
+        _recover(directory)  # an earlier commit a kill interrupted comes first: its files are the newest whole ones
+        _commit(directory, files, meta)
+
+
+def _commit(directory: Path, files: dict, meta: dict | None) -> None:
     _remove_stale(directory, list(files) + [MANIFEST])
     temps: dict[str, Path] = {}
     try:
@@ -160,17 +179,29 @@ def _roll_forward(directory: Path, journal: dict) -> None:
 def recover(directory: Path | str) -> None:
     """Finish a commit that a kill interrupted (every one of its files was written whole before its journal)."""
     directory = Path(directory)
+    if (directory / PENDING).exists():
+        with _locked(directory):
+            _recover(directory)
+
+
+def _recover(directory: Path) -> None:
     pending = directory / PENDING
-    if pending.exists():
-        try:
-            journal = json.loads(pending.read_text())
-        except (OSError, ValueError):
-            journal = None  # written atomically, so only an unfinished write of the journal itself: no commit
-        if journal is not None and all((directory / n).exists() or (directory / e["tmp"]).exists()
-                                       for n, e in journal["files"].items()):
-            _roll_forward(directory, journal)
-        else:
-            pending.unlink(missing_ok=True)
+    if not pending.exists():
+        return
+    try:
+        journal = json.loads(pending.read_text())
+    except (OSError, ValueError):
+        journal = None  # written atomically, so only an unfinished write of the journal itself: no commit
+
+    def ready(name: str, entry: dict) -> bool:  # still its temporary file, or already renamed to its name
+        final = directory / name
+        return (directory / entry["tmp"]).exists() or (final.exists() and final.stat().st_size == entry["bytes"]
+                                                       and sha256(final) == entry["sha256"])
+
+    if journal is not None and all(ready(n, e) for n, e in journal["files"].items()):
+        _roll_forward(directory, journal)
+    else:  # not a commit that can be finished: the previous one stays as it was
+        pending.unlink(missing_ok=True)
 
 
 def verify(directory: Path | str, names=None) -> dict | None:

@@ -127,13 +127,16 @@ class PagedKVCache(_Rows):
     def block_size(self) -> int:
         return self.k.shape[3]
 
-    def block_tables(self, blocks: int) -> Tensor:
-        """The window's first `blocks` table entries [B, blocks] (0 past a row's own blocks: masked or unused)."""
-        return torch.tensor([(self.tables[r] + [0] * blocks)[:blocks] for r in self.rows()], device=self.device)
+    def block_tables(self, blocks: int, pad: int = 0) -> Tensor:
+        """The window's first `blocks` table entries [B, blocks], `pad` past a row's own blocks (0 for a gather
+        whose extra positions are masked; -1 for the native step, which refuses a block it does not have)."""
+        return torch.tensor([(self.tables[r] + [pad] * blocks)[:blocks] for r in self.rows()], device=self.device)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         T, bs = k.shape[2], self.block_size
         if self._index is None or len(self._index) < 3 or self._index[0] != (self.row_lengths(), T):
+            if any(len(self.tables[r]) * bs < n + T for r, n in zip(self.rows(), self.row_lengths())):
+                raise ContextError("a row writes past the KV blocks it was given")
             pos = self.positions(T)
             end = max(self.row_lengths()) + T
             tables = self.block_tables(-(-end // bs))

@@ -53,7 +53,7 @@ class NativeStepper(Stepper):
             lengths = cache.row_lengths()
             if max(lengths) < min(self.model.config.context, cache.max_len):  # else the PyTorch path raises why
                 if isinstance(cache, PagedKVCache):
-                    tables = cache.block_tables(max(lengths) // cache.block_size + 1)
+                    tables = cache.block_tables(max(lengths) // cache.block_size + 1, pad=-1)
                 else:  # a contiguous cache is one block a row
                     tables = torch.tensor(list(cache.rows()))[:, None]
                 h = self.plan(tokens, torch.tensor(lengths), tables, cache.k, cache.v)

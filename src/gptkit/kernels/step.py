@@ -151,7 +151,8 @@ class DecodePlan:
             raise ValueError("a RoPE model needs its tables")
         nfw, nfb = norm(final_norm) if final_norm is not None else (None, None)
         self.shape = s
-        self.layers = (_Layer * len(rows))(*rows)  # kept alive with the plan
+        self.tensors = (wte, wpe, layers, final_norm, rope)  # everything it points at lives as long as the plan
+        self.layers = (_Layer * len(rows))(*rows)
         self.plan = _Plan(table, _address(wpe, (s.context, E)), s.n_layer, E, H, KV, D, s.hidden, s.context,
                           s.rmsnorm, ACTIVATIONS[s.activation], s.rope, s.prenorm, s.window, s.eps, cos, sin, nfw, nfb,
                           ctypes.cast(self.layers, _ptr))

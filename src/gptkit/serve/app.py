@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import LM, Engine
+from ..engine import LM, Engine, kv_bytes_per_token
 from .generation import Server, chat_completion, completion
 from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, error_body
@@ -31,6 +31,15 @@ def default_max_queue() -> int:
     return max(64, 32 * (os.cpu_count() or 1))
 
 
+DEFAULT_KV_MEMORY = 1 << 30  # at most this much of keys and values unless --kv-memory says otherwise
+
+
+def default_kv_memory(lm: LM, max_batch: int) -> int:
+    """What `max_batch` full-context rows need, at most DEFAULT_KV_MEMORY: the server does not preallocate the
+    worst case of every row (that was 12 GB for SmolLM2 at 32 rows)."""
+    return min(max_batch * lm.model.config.context * kv_bytes_per_token(lm.model), DEFAULT_KV_MEMORY)
+
+
 def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: int = 16,
                max_queue: int | None = None, request_timeout: float = 600, kv_memory: int | None = None) -> FastAPI:
     """The app serving `lm` as `model_name`. The engine thread starts with the app and stops with it."""
@@ -40,7 +49,7 @@ def create_app(lm: LM, model_name: str, api_key: str | None = None, max_batch: i
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         mailroom = Mailroom()
-        engine = Engine(lm.model, tokenizer, max_batch, kv_memory=kv_memory)
+        engine = Engine(lm.model, tokenizer, max_batch, kv_memory=kv_memory or default_kv_memory(lm, max_batch))
         runner = Runner(engine, max_queue or default_max_queue(), request_timeout, after_step=mailroom.deliver)
         metrics = Metrics(lambda: runner.queued, lambda: runner.running, engine.kv_stats)
         state.update(runner=runner, engine=runner.engine, metrics=metrics,

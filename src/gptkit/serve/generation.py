@@ -4,6 +4,7 @@ their events gathered per engine step, and the answer as one JSON body or as ser
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -145,7 +146,7 @@ class Generation:
         """Completions' logprobs of the echoed prompt: its first token has none (nothing predicts it)."""
         prompt = self.prompts[i // self.body.n]
         texts = [self.token_text(t) for t in prompt]
-        offsets = [sum(len(t) for t in texts[:j]) for j in range(len(texts))]
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=0))
         return {"tokens": texts, "token_logprobs": [None] + [s.logprob for s in scored],
                 "top_logprobs": [None] + [{self.token_text(t): v for t, v in s.top} for s in scored],
                 "text_offset": offsets}

@@ -56,12 +56,31 @@ class Sampling(BaseModel):
     response_format: dict | None = None
     # settings of OpenAI's API that gptkit does not implement: refused by name, never silently ignored
     logit_bias: dict | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    tool_choice: str | dict | None = None
+    function_call: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "suffix")
     @classmethod
-    def _no_logit_bias(cls, v):
+    def _not_supported(cls, v, info):
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, v):
+        if v not in (None, 1):
+            raise ValueError("best_of is not supported (ask for n samples instead)")
+        return v
+
+    @field_validator("tool_choice", "function_call", "parallel_tool_calls")
+    @classmethod
+    def _no_tool_settings(cls, v, info):
+        if v not in (None, "none", False):
+            raise ValueError(f"{info.field_name} is not supported: gptkit serves no function calling")
         return v
 
     @field_validator("response_format")
@@ -138,9 +157,7 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
-    tool_choice: str | dict | None = None
     functions: list | None = None
-    function_call: str | dict | None = None
 
     @field_validator("tools", "functions")
     @classmethod

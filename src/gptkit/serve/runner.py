@@ -109,7 +109,7 @@ class Runner:
             if job.request.cancelled:
                 continue
             self.jobs[job.request.id] = job
-            self.engine.add(job.request)
+            self.engine.enqueue(job.request)  # checked by `submit`
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -97,6 +97,8 @@ class TrainingRun:
         self.val_data = TokenShards(data_dir, "val")
         self.tokenizer = Tokenizer.load(data_dir)
         state_path = self.out / STATE_FILE
+        if self.out.is_dir():
+            files.recover(self.out)  # a checkpoint a kill interrupted is finished first
         if state_path.exists() and not resume:
             raise TrainError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         if resume and not state_path.exists():
