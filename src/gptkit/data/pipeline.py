@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -186,7 +187,7 @@ def encoded(stream: Iterator[Chunk], spec: EncoderSpec, workers: int) -> Iterato
     second = next(stream, None)
     if workers <= 1 or second is None:  # one worker, or one chunk: no processes to start
         encoder_here = _make_encoder(spec)
-        for chunk in (first, *([second] if second else []), *stream):
+        for chunk in itertools.chain([first], [second] if second else [], stream):
             yield chunk, _encode_with(encoder_here, chunk, spec)
         return
     methods = multiprocessing.get_all_start_methods()
@@ -202,7 +203,7 @@ def encoded(stream: Iterator[Chunk], spec: EncoderSpec, workers: int) -> Iterato
             os.environ["TOKENIZERS_PARALLELISM"] = previous
     with pool:
         pending: collections.deque = collections.deque()
-        for chunk in (first, second, *stream):
+        for chunk in itertools.chain([first, second], stream):  # lazily: a tuple would read it all
             pending.append((chunk, pool.apply_async(_encode_in_worker, (chunk.texts, chunk.eots))))
             chunk.texts = []  # sent: the worker has its own copy
             if len(pending) >= 2 * workers:
