@@ -109,7 +109,7 @@ def encoder_spec(kind: str, tok: Tokenizer, dtype: str) -> EncoderSpec:
     return EncoderSpec(dtype, tok.eot_id, engine_json=tok.engine.to_str())
 
 
-_encoder = None  # the worker's: set once per process by `_start_worker`
+_encoder, _spec = None, None  # a worker's: set once per process by `_start_worker`
 
 
 def _start_worker(spec: EncoderSpec) -> None:
@@ -143,8 +143,6 @@ def _make_encoder(spec: EncoderSpec):
     engine.encode_special_tokens = True
     return lambda text: engine.encode(text, add_special_tokens=False).ids
 
-
-_spec: EncoderSpec | None = None
 
 
 # --- the stream -------------------------------------------------------------------------------------------------
@@ -193,7 +191,7 @@ def encoded(stream: Iterator[Chunk], spec: EncoderSpec, workers: int) -> Iterato
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set at fork: the workers' engines stay on one core each
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set at fork, or `tokenizers` warns in every worker
     try:
         pool = context.Pool(workers, initializer=_start_worker, initargs=(spec,))
     finally:
@@ -371,44 +369,62 @@ def _start(corpus: Corpus, out: Path, settings: dict, fingerprint: str, part, ki
     progress = {"fingerprint": fingerprint, "dtype": dtype, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                 "tokenizer": {"kind": kind, "file": tok_name, "sha256": hashlib.sha256(tok_text.encode()).hexdigest(),
                               "sample_bytes": sampled},
-                "shards": [], "position": None, "documents": 0, "chars": 0, "bytes": 0, "done": False}
+                "shards": [], "done": False, **START}
     files.atomic_write(out / PROGRESS, json.dumps(progress, indent=1) + "\n")
     return progress, tok
 
 
+START = {"position": None, "skip": 0, "documents": 0, "chars": 0, "bytes": 0}  # where a part's stream begins
+
+
+class TokenStream:
+    """The encoded chunks, taken token by token. `state` is where the stream would begin again to go on from here:
+    the position of the chunk being taken from, the tokens of it already taken (`skip`), and the counts of the
+    chunks before it."""
+
+    def __init__(self, chunks: Iterator[tuple[Chunk, np.ndarray]], state: dict, bar):
+        self.chunks, self.bar = chunks, bar
+        self.state = {k: state[k] for k in START}
+        self.current = next(chunks, None)
+
+    def take(self, n: int) -> Iterator[np.ndarray]:
+        while n > 0 and self.current is not None:
+            chunk, ids = self.current
+            taken = ids[self.state["skip"]:self.state["skip"] + n]
+            yield taken
+            n -= len(taken)
+            self.state["skip"] += len(taken)
+            if self.state["skip"] == len(ids):
+                for key, value in (("documents", chunk.documents), ("chars", chunk.chars), ("bytes", chunk.nbytes)):
+                    self.state[key] += value
+                self.state.update(position=list(chunk.after), skip=0)
+                self.bar.update(chunk.nbytes)
+                self.current = next(self.chunks, None)
+
+
 def _tokenize(corpus: Corpus, out: Path, progress: dict, spec: EncoderSpec, part, shard_tokens: int, workers: int,
               quiet: bool) -> None:
-    """Shards from where `progress` stands to the end of the part; `progress` (and prepare.json) after each."""
+    """Shards of exactly `shard_tokens` tokens (the last one fewer) from where `progress` stands to the end of the
+    part, and `progress` (prepare.json) after each: a restart re-encodes at most the chunk a shard ended in."""
     if progress["done"]:
         return
     start = tuple(progress["position"]) if progress["position"] else None
-    stream = encoded(chunks(corpus.pieces(part, start), CHUNK_BYTES, progress["documents"] > 0), spec, workers)
-    total = corpus.total_bytes(part)
-    with tqdm(total=total, initial=progress["bytes"], unit="B", unit_scale=True, desc="tokenizing",
-              disable=True if quiet else None) as bar:
-        pending = next(stream, None)
-        while pending is not None:
-            name = f"shard_{len(progress['shards']):06d}.bin"
-            shard = {"file": name, "tokens": 0}
-            done = {"documents": 0, "chars": 0, "bytes": 0, "position": None}
+    encoded_chunks = encoded(chunks(corpus.pieces(part, start), CHUNK_BYTES, progress["documents"] > 0), spec, workers)
+    with tqdm(total=corpus.total_bytes(part), initial=progress["bytes"], unit="B", unit_scale=True,
+              desc="tokenizing", disable=True if quiet else None) as bar:
+        stream = TokenStream(encoded_chunks, progress, bar)
+        while stream.current is not None:
+            shard = {"file": f"shard_{len(progress['shards']):06d}.bin", "tokens": 0}
 
             def fill(path: Path) -> None:
-                nonlocal pending
                 with open(path, "wb") as f:
-                    while pending is not None and shard["tokens"] < shard_tokens:
-                        chunk, ids = pending
+                    for ids in stream.take(shard_tokens):
                         write_tokens(f, ids)
                         shard["tokens"] += len(ids)
-                        for key in ("documents", "chars", "bytes"):
-                            done[key] += getattr(chunk, key if key != "bytes" else "nbytes")
-                        done["position"] = list(chunk.after)
-                        bar.update(chunk.nbytes)
-                        pending = next(stream, None)
             try:
-                files.atomic_write(out / name, fill)
+                files.atomic_write(out / shard["file"], fill)
                 progress["shards"].append(shard)
-                progress.update({k: progress[k] + done[k] for k in ("documents", "chars", "bytes")},
-                                position=done["position"], done=pending is None)
+                progress.update(stream.state, done=stream.current is None)
                 files.atomic_write(out / PROGRESS, json.dumps(progress, indent=1) + "\n")
             except files.DiskFullError as e:
                 last = progress["shards"][-1]["file"] if progress["shards"] else None
