@@ -83,7 +83,8 @@ def cut(window: bytes) -> int:
     at = len(window)
     while at > 1 and window[at - 1] & 0xC0 == 0x80:  # back off a continuation byte
         at -= 1
-    return at - 1 if window[at - 1] >= 0xC0 else at  # not after a lead byte either
+    at = at - 1 if window[at - 1] >= 0xC0 else at  # and the lead byte they follow
+    return at if at > 0 else len(window)  # not UTF-8 at all: decoding it says so
 
 
 def split_text(data: bytes, start: int = 0) -> Iterator[tuple[bytes, int]]:
