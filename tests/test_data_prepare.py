@@ -203,6 +203,15 @@ def test_bad_files_are_named_or_skipped(tmp_path, capsys):
     assert "skipping" in err and "latin1.txt" in err and "zeros.txt" in err and meta["documents"] == 1
 
 
+def test_parts_leave_out_the_same_bad_file(corpus_dir, tmp_path):
+    (corpus_dir / "b_bad.txt").write_bytes(b"fine\n" * 300 + b"caf\xe9\n")  # bad past its first piece
+    for i in range(2):
+        prepare(read_sources(texts=[str(corpus_dir / "*.txt")], skip_bad=True), tmp_path / f"p{i}", tokenizer="char",
+                part=(i, 2), quiet=True)
+    meta = merge([tmp_path / "p0", tmp_path / "p1"], tmp_path / "m", quiet=True)
+    assert meta["documents"] == 3 and "caf" not in Tokenizer.load(tmp_path / "m").decode(all_tokens(tmp_path / "m"))
+
+
 def test_an_empty_corpus_or_part_leaves_nothing(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="the input text is empty"):

@@ -153,7 +153,7 @@ class FileSource(Source):
 
     def _leave_out(self, error: DataError) -> None:
         _skip(error, self.skip_bad)
-        self.skipped, self._size = str(error), 0
+        self.skipped = str(error)  # its size stays: the parts' byte ranges are the same whatever a part checked
 
     def size(self) -> int:
         return self._size
@@ -182,7 +182,7 @@ class FileSource(Source):
 
     def align(self, offset: int) -> int:
         """The start of the line at or after `offset`."""
-        if offset <= 0 or offset >= self._size:
+        if self.skipped is not None or offset <= 0 or offset >= self._size:
             return min(max(offset, 0), self._size)
         with self._open() as f:
             f.seek(offset - 1)
@@ -221,6 +221,8 @@ class TextFile(FileSource):
         return check
 
     def pieces(self, begin: int, end: int, within: int = 0) -> Iterator[Piece]:
+        if self.skip_bad:
+            self.identity()  # checks the whole file first, so that a bad one is left out whole
         if self.skipped is not None:
             return
         at = begin
@@ -321,8 +323,10 @@ class Corpus:
         for piece in self.pieces():
             yield Document(self.sources[piece.after[0]].name, piece.text)
 
-    def identity(self) -> list[dict]:
-        return [entry for s in self.sources for entry in s.identity()]
+    def identity(self, part: tuple[int, int] = (0, 1)) -> list[dict]:
+        """What the part's text is: each file it reads (its bytes and hash), each collection's documents."""
+        return [entry for s, (begin, end) in zip(self.sources, self.ranges(part))
+                if begin < end or not isinstance(s, FileSource) for entry in s.identity()]
 
     def ranges(self, part: tuple[int, int] = (0, 1)) -> list[tuple[int, int]]:
         """Each source's [begin, end) in the i-th of n disjoint parts: files by their bytes together (aligned to

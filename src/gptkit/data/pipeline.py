@@ -329,7 +329,7 @@ def prepare(docs: Corpus | Iterable[Document], out: Path, tokenizer: str = "bpe"
     settings = {"tokenizer": tokenizer, "vocab_size": vocab_size if tokenizer == "bpe" else None,
                 "tokenizer_sample": tokenizer_sample if tokenizer == "bpe" else None, "val_fraction": val_fraction,
                 "dtype": dtype, "shard_tokens": shard_tokens, "part": list(part)}
-    identity = corpus.identity()
+    identity = corpus.identity(part)  # a part reads (and hashes) only its own files
     fingerprint = _fingerprint(identity, settings)
     say = (lambda *a: None) if quiet else print
     if (meta := _up_to_date(out, fingerprint)) is not None:
