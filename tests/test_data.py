@@ -23,7 +23,7 @@ def test_char_prepare_splits_like_nanogpt(tmp_path, text_file):
     assert meta["splits"]["train"]["tokens"] == int(n * 0.9)
     assert meta["splits"]["val"]["tokens"] == n - int(n * 0.9)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(TEXT)) + 1
-    train = np.fromfile(tmp_path / "d" / "train_000000.bin", dtype=np.uint16)
+    train = TokenShards(tmp_path / "d", "train").arrays[0]
     chars = sorted(set(TEXT))
     assert "".join(chars[i] for i in train[:20]) == TEXT[:20]
 
@@ -48,13 +48,13 @@ def test_documents_are_separated_by_end_of_text(tmp_path):
         (tmp_path / f"{name}.txt").write_text(f"document {name} " * 20)
     meta = prepare(read_sources(texts=[str(tmp_path / "*.txt")]), tmp_path / "d", tokenizer="char",
                    val_fraction=0.05)
-    ids = np.fromfile(tmp_path / "d" / "train_000000.bin", dtype=np.uint16)
-    assert (ids == meta["eot_id"]).sum() == 1
+    ids = np.concatenate(TokenShards(tmp_path / "d", "train").arrays + TokenShards(tmp_path / "d", "val").arrays)
+    assert (ids == meta["eot_id"]).sum() == 1 and meta["documents"] == 2
 
 
 def test_rerun_is_a_no_op(tmp_path, text_file, capsys):
     prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
-    shard = tmp_path / "d" / "train_000000.bin"
+    shard = tmp_path / "d" / "shard_000000.bin"
     before = shard.stat().st_mtime_ns
     prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
     assert shard.stat().st_mtime_ns == before and "up to date" in capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_interrupted_prepare_is_not_trusted(tmp_path, text_file, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gptkit.data.shards.encode_documents", killed)
+    monkeypatch.setattr("gptkit.data.pipeline.write_tokens", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare(read_sources(texts=[str(text_file)]), tmp_path / "d", tokenizer="char")
     with pytest.raises(DataError, match="not a prepared data directory"):

@@ -3,7 +3,7 @@ import torch
 
 import gptkit
 from gptkit import checkpoint, files
-from gptkit.data import prepare, read_sources
+from gptkit.data import TokenShards, prepare, read_sources
 from gptkit.train import TrainError, load_recipe, train
 from gptkit.train.metrics import read_metrics
 from gptkit.train.optim import lr_factor, orthogonalize
@@ -19,6 +19,16 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     (out / "t.txt").write_text(TEXT)
     prepare(read_sources(texts=[str(out / "t.txt")]), out / "char", tokenizer="char")
+    return out / "char"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The same text in shards of 1,000 tokens: batches are drawn across all of them."""
+    out = tmp_path_factory.mktemp("sharded")
+    (out / "t.txt").write_text(TEXT)
+    prepare(read_sources(texts=[str(out / "t.txt")]), out / "char", tokenizer="char", shard_tokens=1000, quiet=True)
+    assert len(TokenShards(out / "char", "train").arrays) >= 8
     return out / "char"
 
 
@@ -42,8 +52,9 @@ def test_sampled_softmax_training_learns(data, tmp_path):
     assert result["val_loss"] < 2.2  # the full loss, from ln(12 chars) = 2.5 at the start
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer, shards", [("adamw", "data"), ("muon", "data"), ("adamw", "sharded")])
+def test_interrupted_and_resumed_run_equals_uninterrupted(request, tmp_path, monkeypatch, optimizer, shards):
+    data = request.getfixturevalue(shards)
     cfg = recipe(data, tmp_path / "full", "max_steps=20", f"optimizer=\"{optimizer}\"", "model.dropout=0.1")
     train(cfg, quiet=True)
 

@@ -45,15 +45,23 @@ def cmd_info(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from ..data import prepare, read_sources
+    from ..data import merge, prepare, read_sources
+    from ..data.pipeline import parse_part
 
-    docs = read_sources(texts=args.text, jsonl=args.jsonl, corpora=args.corpus, hf=args.hf_dataset, field=args.field)
-    meta = prepare(docs, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, dtype=args.dtype)
+    if args.merge:
+        meta = merge([Path(d) for d in args.merge], Path(args.out))
+    else:
+        corpus = read_sources(texts=args.text, jsonl=args.jsonl, corpora=args.corpus, hf=args.hf_dataset,
+                              field=args.field, skip_bad=args.skip_bad)
+        meta = prepare(corpus, Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                       val_fraction=args.val_fraction, dtype=args.dtype, shard_tokens=args.shard_tokens,
+                       workers=args.workers, tokenizer_sample=args.tokenizer_sample,
+                       part=parse_part(args.part) if args.part else (0, 1))
     s = meta["splits"]
     print(f"{args.out}: {meta['documents']} documents, {meta['chars']:,} characters -> "
-          f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens ({meta['dtype']}, "
-          f"{meta['vocab_size']} token {meta['tokenizer']['kind']} vocabulary)")
+          f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens in {len(meta['files'])} shard "
+          f"file{'s' * (len(meta['files']) != 1)} ({meta['dtype']}, {meta['vocab_size']} token "
+          f"{meta['tokenizer']['kind']} vocabulary)")
 
 
 def cmd_train(args, **fields) -> None:
@@ -99,6 +107,8 @@ def _add_info(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
+    from ..data.pipeline import SHARD_TOKENS, TOKENIZER_SAMPLE
+
     s = sub.add_parser("prepare", help="tokenize text into train/val shards (default: the embedded corpus)")
     s.add_argument("--text", action="append", default=[], help="text file, directory or glob (repeatable)")
     s.add_argument("--jsonl", action="append", default=[], help="JSONL file(s) with a text field (repeatable)")
@@ -110,6 +120,17 @@ def _add_prepare(sub) -> None:
     s.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe")
     s.add_argument("--val-fraction", type=float, default=0.1)
     s.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: smallest that fits)")
+    s.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    s.add_argument("--workers", type=int, help="tokenizing processes (default: the machine's cores; the output "
+                   "is the same for any number)")
+    s.add_argument("--tokenizer-sample", type=int, default=TOKENIZER_SAMPLE, metavar="BYTES",
+                   help="bytes of the corpus's beginning a BPE tokenizer is trained on")
+    s.add_argument("--skip-bad", action="store_true", help="leave out (with a warning) unreadable, binary or "
+                   "non-UTF-8 files and malformed JSONL lines instead of stopping")
+    s.add_argument("--part", metavar="I/N", help="prepare only the I-th of N disjoint parts of the inputs "
+                   "(0/N to N-1/N, e.g. one per machine); join them with --merge")
+    s.add_argument("--merge", nargs="+", metavar="DIR", help="join prepared data directories (the parts of a "
+                   "--part run) into --out without copying their shards")
     s.add_argument("--out", required=True, help="data directory to write")
     s.set_defaults(func=cmd_prepare)
 

@@ -1,6 +1,7 @@
 """Corpora in, token shards out, batches for training."""
 
-from .corpora import DataError, Document, embedded_corpus, read_sources
-from .shards import TokenShards, prepare
+from .corpora import Corpus, DataError, Document, embedded_corpus, read_sources
+from .pipeline import merge, prepare
+from .shards import TokenShards
 
-__all__ = ["DataError", "Document", "embedded_corpus", "read_sources", "TokenShards", "prepare"]
+__all__ = ["Corpus", "DataError", "Document", "embedded_corpus", "read_sources", "TokenShards", "prepare", "merge"]
