@@ -22,13 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/gguf.py would shadow the gguf package
 
-import gptkit
-import gptkit.hf
-from gptkit import checkpoint, kernels, quantize
-from gptkit.engine import generate_tokens
-from gptkit.generate import SamplingParams
+import torch  # noqa: E402
+
+import gptkit  # noqa: E402
+import gptkit.hf  # noqa: E402
+from gptkit import checkpoint, kernels, quantize  # noqa: E402
+from gptkit.engine import generate_tokens  # noqa: E402
+from gptkit.generate import SamplingParams  # noqa: E402
 
 PRECISIONS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # gptkit's -> llama.cpp's
 
