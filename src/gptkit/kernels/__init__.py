@@ -136,7 +136,8 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | No
 
 
 QUANT_MAX_ROWS = 32  # the decode kernel: one pass over the weights per 4 rows
-GEMM_MIN_ROWS = 5  # from here the integer GEMM (gemm.c) runs instead: measured (AVX-512 EPYC) ahead from 5 rows
+GEMM_MIN_ROWS = 5  # from here the integer GEMM (gemm.c): on a Zen 5 EPYC the AVX2 build's GEMM ties its decode
+# kernel at 5 rows and leads from 8 (weights in cache); the AVX-512 VNNI build's decode kernel is the GEMM from 3
 
 
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, bits: int, group_size: int,

@@ -25,6 +25,8 @@
 #endif
 
 typedef _Float16 half;
+/* bytes ahead of the weights' stream to prefetch on a panel's first sweep, when they come from memory (as quant.c) */
+#define PREFETCH 1024
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
 #define GEMM_AVX512VNNI 1
@@ -112,7 +114,7 @@ static void rows_portable(const uint8_t *w, const half *s, int grouped, int rows
 static inline __attribute__((always_inline))
 void tile(const uint8_t *w0, const uint8_t *w1, const half *s0, const half *s1, const int8_t *xq, const float *xd,
           const int32_t *xsum, const float *b, float *y, long N, long K, long G, int bits, const int M, long n0,
-          int lanes) {
+          int lanes, int stream) {
     const long B = K / 32, R = bits == 8 ? 32 : 16;
     const __m512i low = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
     const int32_t offset = bits == 8 ? -128 : -8;
@@ -121,15 +123,25 @@ void tile(const uint8_t *w0, const uint8_t *w1, const half *s0, const half *s1, 
     for (long blk = 0; blk < B; blk++) {
         const uint8_t *a = w0 + blk * 8 * R, *c = w1 + blk * 8 * R;
         const int8_t *x = xq + 32 * blk;
-        __m512i dot[MT];
-        for (int m = 0; m < M; m++) dot[m] = _mm512_set1_epi32(offset * xsum[m * B + blk]);
+        if (stream)
+            for (int k = 0; k < 8 * R; k += 64) {
+                _mm_prefetch((const char *)a + PREFETCH + k, _MM_HINT_T0);
+                _mm_prefetch((const char *)c + PREFETCH + k, _MM_HINT_T0);
+            }
+        /* independent sums a row (U): one chain of dependent vpdpbusd a row would set the pace for 1 or 2 rows */
+        const int U = M == 1 ? 4 : M == 2 ? 2 : 1;
+        __m512i dot[4][MT];
+        for (int m = 0; m < M; m++) {
+            dot[0][m] = _mm512_set1_epi32(offset * xsum[m * B + blk]);
+            for (int u = 1; u < U; u++) dot[u][m] = _mm512_setzero_si512();
+        }
         if (bits == 8) {
             for (int k = 0; k < 8; k++) {
                 __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a + 32 * k))),
                                                _mm256_loadu_si256((const __m256i *)(c + 32 * k)), 1);
                 v = _mm512_xor_si512(v, flip);
                 for (int m = 0; m < M; m++)
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], v, _mm512_set1_epi32(load4(x + m * K + 4 * k)));
+                    dot[k % U][m] = _mm512_dpbusd_epi32(dot[k % U][m], v, _mm512_set1_epi32(load4(x + m * K + 4 * k)));
             }
         } else {
             for (int k = 0; k < 4; k++) {
@@ -137,16 +149,19 @@ void tile(const uint8_t *w0, const uint8_t *w1, const half *s0, const half *s1, 
                                                _mm256_loadu_si256((const __m256i *)(c + 32 * k)), 1);
                 __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
                 for (int m = 0; m < M; m++) {
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(load4(x + m * K + 4 * k)));
-                    dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(load4(x + m * K + 16 + 4 * k)));
+                    const int u = 2 * k % U, w = (2 * k + 1) % U;
+                    dot[u][m] = _mm512_dpbusd_epi32(dot[u][m], lo, _mm512_set1_epi32(load4(x + m * K + 4 * k)));
+                    dot[w][m] = _mm512_dpbusd_epi32(dot[w][m], hi, _mm512_set1_epi32(load4(x + m * K + 16 + 4 * k)));
                 }
             }
         }
+        for (int m = 0; m < M; m++)
+            for (int u = 1; u < U; u++) dot[0][m] = _mm512_add_epi32(dot[0][m], dot[u][m]);
         long g = 32 * blk / G * 8;
         __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(s0 + g))), _mm_loadu_si128((const __m128i *)(s1 + g)), 1));
         for (int m = 0; m < M; m++)
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * B + blk])), acc[m]);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0][m]), _mm512_mul_ps(d, _mm512_set1_ps(xd[m * B + blk])), acc[m]);
     }
     __m512 bias = _mm512_setzero_ps();
     if (b) bias = _mm512_maskz_loadu_ps((__mmask16)((1u << lanes) - 1), b + n0);
@@ -162,7 +177,7 @@ void tile(const uint8_t *w0, const uint8_t *w1, const half *s0, const half *s1, 
 static inline __attribute__((always_inline))
 void tile(const uint8_t *w0, const uint8_t *unused, const half *s0, const half *unused_too, const int8_t *xq,
           const float *xd, const int32_t *xsum, const float *b, float *y, long N, long K, long G, int bits, const int M,
-          long n0, int lanes) {
+          long n0, int lanes, int stream) {
     (void)unused, (void)unused_too, (void)lanes, (void)xsum;
     const long B = K / 32, R = bits == 8 ? 32 : 16;
     const __m256i low = _mm256_set1_epi8(0x0F);
@@ -171,6 +186,8 @@ void tile(const uint8_t *w0, const uint8_t *unused, const half *s0, const half *
     for (long blk = 0; blk < B; blk++) {
         const uint8_t *a = w0 + blk * 8 * R;
         const int8_t *x = xq + 32 * blk;
+        if (stream)
+            for (int k = 0; k < 8 * R; k += 64) _mm_prefetch((const char *)a + PREFETCH + k, _MM_HINT_T0);
         __m256i dot[MT];
 #ifdef GEMM_AVXVNNI
         const int32_t offset = bits == 8 ? -128 : -8;
@@ -229,7 +246,7 @@ void tile(const uint8_t *w0, const uint8_t *unused, const half *s0, const half *
 #endif
 
 #ifdef MT
-#define TILE(M) case M: tile(w0, w1, s0, s1, q, d, sums, b, y + m * N, N, K, G, bits, M, n0, lanes); break;
+#define TILE(M) case M: tile(w0, w1, s0, s1, q, d, sums, b, y + m * N, N, K, G, bits, M, n0, lanes, m == 0); break;
 /* all M x rows against the W rows [n0, n0 + LANES) (of which `lanes` exist), MT rows at a time */
 static void panel(const uint8_t *w0, const uint8_t *w1, const half *s0, const half *s1, const int8_t *xq,
                   const float *xd, const int32_t *xsum, const float *b, float *y, long M, long N, long K, long G,
