@@ -3,10 +3,12 @@
     python benchmarks/prefill.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --llama-bin DIR
                                  [--threads 2] [--rounds 3] [--prompt 512] [--new-tokens 128]
 
-DIR holds llama.cpp's `llama-bench` and `llama-quantize` (built from the vendored source: ANCHORS-style
+DIR holds llama.cpp's `llama-bench` and `llama-quantize`, built from llama-cpp-python's vendored source
+(`cmake -S vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON`, then
 `cmake --build build --target llama-bench llama-quantize`). The weights come from one GGUF file and are
 re-quantized by each runtime's own tools: transformers reads it (dequantized to fp32; its GGUF reader knows more
-tokenizers than gptkit's does), gptkit converts that (`gptkit.hf.convert_from_hf`) and quantizes it (`gptkit.quantize`, groups of 32, int8 token embedding); llama.cpp's `llama-quantize
+tokenizers than gptkit's does), gptkit converts that (`gptkit.hf.convert_from_hf`) and quantizes it
+(`gptkit.quantize`, groups of 32, int8 token embedding); llama.cpp's `llama-quantize
 --allow-requantize` writes f32 / q8_0 / q4_0 from the same file (its default per-tensor choices). Prefill: gptkit's
 engine on a prompt of `--prompt` random token ids (hidden states of all of them, logits of the last), against
 `llama-bench -p`; decode: `--new-tokens` greedy tokens after a 1-token prompt, against `llama-bench -n` (which also
@@ -40,7 +42,8 @@ def cpu_kind() -> str:
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    extra = [n for f, n in (("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "BF16")) if f" {f}" in flags]
+    named = (("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "BF16"))
+    extra = [n for f, n in named if f" {f}" in flags]
     return f"{name}, {' + '.join([isa, *extra])}"
 
 

@@ -142,7 +142,7 @@ def test_integer_gemm_at_every_row_count_equals_dequantize_then_matmul(build, bi
 @needs_kernel
 @pytest.mark.parametrize("bits", [8, 4])
 def test_every_row_count_takes_a_kernel_that_matches(build, bits):
-    """quant_linear's own choice (the decode kernel for a few rows, the GEMM for more), against dequantize-then-matmul."""
+    """quant_linear's own choice (decode kernel for a few rows, GEMM for more), against dequantize-then-matmul."""
     torch.manual_seed(bits)
     w, x = torch.randn(24, 96), torch.randn(80, 1, 96)
     q, s = quantize_weight(w, bits, 32)

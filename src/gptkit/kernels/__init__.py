@@ -2,8 +2,9 @@
 
 The skinny linears that bound decoding speed: fp32 (gemv.c) and int8 / int4 weight-only (quant.c; `quantize.py`'s
 linears call it), the integer GEMM of quantized prompts (gemm.c) and the whole one-token step (step.c, `step.py`).
-Where no C compiler or OpenMP is available the loader returns None and callers keep their PyTorch path; a compiler that fails says so once on stderr, naming its
-log. Every entry point checks shapes and dtypes before it passes a pointer. Nothing of gptkit's is imported here.
+Where no C compiler or OpenMP is available the loader returns None and callers keep their PyTorch path; a compiler
+that fails says so once on stderr, naming its log. Every entry point checks shapes and dtypes before it passes a
+pointer. Nothing of gptkit's is imported here.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class KernelTargetError(ValueError):
 def target() -> str:
     """The build `_library` loads: `GPTKIT_KERNEL_TARGET`, else "portable" under `GPTKIT_PORTABLE_KERNELS`, else
     "native"."""
-    name = os.environ.get("GPTKIT_KERNEL_TARGET") or ("portable" if os.environ.get("GPTKIT_PORTABLE_KERNELS") else "native")
+    portable = os.environ.get("GPTKIT_PORTABLE_KERNELS")
+    name = os.environ.get("GPTKIT_KERNEL_TARGET") or ("portable" if portable else "native")
     if name not in TARGETS:
         raise KernelTargetError(f"GPTKIT_KERNEL_TARGET={name!r}: the kernels build for {', '.join(TARGETS)}")
     return name
