@@ -46,9 +46,10 @@ def test_quantized_kernel_equals_dequantize_then_linear(kernel_path, bits, rows,
         y = kernels.quant_linear(x, *interleave(q, s), b, bits, group)  # 32 groups of 8 rows, one row after
     ref = F.linear(x, dequantize_weight(q, s, bits), b)
     assert y.shape == ref.shape
-    # the native build quantizes activations to int8 blocks as llama.cpp does (about 0.5% relative error);
-    # the plain C build keeps them fp32
-    assert relative_error(y, ref) < (2e-2 if kernel_path == "native" else 1e-5)
+    # the native build quantizes activations to int8 blocks as llama.cpp does (about 0.5% relative error), and so
+    # does the GEMM of every build; the plain C decode kernel keeps them fp32
+    fp32_activations = kernel_path == "portable" and rows < kernels.GEMM_MIN_ROWS
+    assert relative_error(y, ref) < (1e-5 if fp32_activations else 2e-2)
 
 
 @pytest.mark.parametrize("rows", [8, 13, 5])
