@@ -35,8 +35,7 @@ def model_files(model: GPT, tokenizer: Tokenizer | None = None,
         CONFIG_FILE: json.dumps(config_record(model), indent=2) + "\n",
     }
     if tokenizer is not None:
-        name, text = tokenizer.to_json()
-        written[name] = text
+        written |= tokenizer.files()
     return written
 
 

@@ -3,7 +3,6 @@ generation metrics (ROUGE-L via rouge-score, BLEU via sacrebleu)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -144,7 +143,7 @@ def generation_scores(hypotheses: list[str], references: list[str]) -> dict:
 def split_perplexity(model: GPT, tokenizer: Tokenizer, data_dir: Path, split: str = "val") -> dict:
     """Perplexity over a prepared data directory's split, which must come from the model's tokenizer."""
     data = TokenShards(data_dir, split)
-    if data.tokenizer_sha256() != hashlib.sha256(tokenizer.to_json()[1].encode()).hexdigest():
+    if data.tokenizer_sha256() != tokenizer.fingerprint():
         raise EvalError(f"{data_dir} was tokenized with a different tokenizer than the model's")
     nll, n = 0.0, 0
     for x, y in data.windows(model.config.context, 8):

@@ -1,28 +1,28 @@
-"""GGUF, llama.cpp's model file: export a checkpoint as one, and read one back into a checkpoint.
+"""GGUF, llama.cpp's model file: export a checkpoint as one, and read one (into a model, or a checkpoint).
 
-Written and read with the `gguf` package (llama.cpp's own Python reader and writer). Two llama.cpp architectures:
-`gpt2` (learned positions, LayerNorm with biases, tanh-GELU, fused QKV) and `llama` (RoPE, RMSNorm, SwiGLU, no
-biases, grouped-query attention; Q and K rows permuted to llama.cpp's interleaved rotary pairs, as its own
-converter does). Q8_0 and Q4_0 tensors are the blocks of gptkit's quantization (quantize.py), byte for byte.
+Written and read with the `gguf` package (llama.cpp's own Python reader and writer). Architectures: `gpt2`
+(learned positions, LayerNorm with biases, tanh-GELU, fused QKV) and `llama` (RoPE, RMSNorm, SwiGLU, no biases,
+grouped-query attention; Q and K rows permuted to llama.cpp's interleaved rotary pairs, as its own converter does)
+both ways; `qwen2` (llama's layout with q/k/v biases, rotate-half order) and `qwen3` (QK-norm) are read. Q8_0 and
+Q4_0 tensors are the blocks of gptkit's quantization (quantize.py), byte for byte: they load as they are.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import GptkitError
+from .files import atomic_write
 from . import checkpoint, quantize
 from .config import ConfigError, GPTConfig
 from .model import GPT
-from .tokenizer import GPT2_PATTERN, Tokenizer
+from .tokenizer import PRE_TOKENIZERS, Tokenizer
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-GPT2_PRE = "gpt-2"  # llama.cpp's name for GPT-2's pre-tokenizer regex
 
 
 class GGUFError(GptkitError):
@@ -90,20 +90,23 @@ def gguf_tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _tokenizer_fields(tokenizer: Tokenizer, vocab_size: int) -> dict:
+def _tokenizer_fields(tokenizer: Tokenizer, vocab_size: int, src: Path) -> dict:
     _require(tokenizer.chars is None, "a character vocabulary has no merges: llama.cpp's BPE cannot encode with it")
+    pre = tokenizer.pre_tokenizer_name()
+    _require(pre is not None, f"{src}: its tokenizer splits text in a way llama.cpp has no pre-tokenizer name for "
+             f"(gptkit writes {', '.join(PRE_TOKENIZERS)})")
     spec = json.loads(tokenizer.engine.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    patterns = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", [])]
-    _require(GPT2_PATTERN in patterns, "only GPT-2's pre-tokenizer is written (llama.cpp's `gpt-2`); this "
-             "tokenizer splits text differently")
     vocab = tokenizer.engine.get_vocab(with_added_tokens=True)
+    added = {i for i, t in tokenizer.engine.get_added_tokens_decoder().items() if not t.special}
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows past the tokenizer's vocabulary: unused
     types = [5] * vocab_size
     for token, i in vocab.items():
-        tokens[i], types[i] = token, 3 if i in tokenizer.special_by_id else 1
+        tokens[i], types[i] = token, 3 if i in tokenizer.special_by_id else 4 if i in added else 1
     merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
-    return {"tokens": tokens, "types": types, "merges": merges, "eot": tokenizer.special.get("<|endoftext|>")}
+    eot = tokenizer.special.get("<|endoftext|>")
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges,
+            "bos": tokenizer.bos_id if tokenizer.bos is not None else eot, "eos": tokenizer.eos_id,
+            "eot": tokenizer.token_id(tokenizer.eot)}
 
 
 def _encode(t: torch.Tensor, kind: str):
@@ -134,15 +137,13 @@ def export(src: Path, out: Path, kind: str = "f32") -> Path:
     arch = architecture(c)
     tokenizer = checkpoint.load_tokenizer(src)
     _require(tokenizer is not None, f"{src} has no tokenizer; a GGUF file carries one")
-    fields = _tokenizer_fields(tokenizer, c.vocab_size)
+    fields = _tokenizer_fields(tokenizer, c.vocab_size, src)
     model = checkpoint.load_model(src)
     if quantize.is_quantized(model):
         quantize.dequantize(model)  # its quantized values; q8_0 / q4_0 re-derive the same blocks
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+
+    def write(path: Path) -> None:
+        writer = gguf.GGUFWriter(str(path), arch)
         writer.add_name(Path(src).resolve().name)
         writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}[kind])
         writer.add_context_length(c.context)
@@ -159,13 +160,16 @@ def export(src: Path, out: Path, kind: str = "f32") -> Path:
             writer.add_rope_dimension_count(c.head_dim)
             writer.add_vocab_size(c.vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GPT2_PRE)
+        writer.add_tokenizer_pre(fields["pre"])
         writer.add_token_list(fields["tokens"])
         writer.add_token_types(fields["types"])
         writer.add_token_merges(fields["merges"])
-        if fields["eot"] is not None:
-            writer.add_bos_token_id(fields["eot"])
-            writer.add_eos_token_id(fields["eot"])
+        for role in ("bos", "eos", "eot"):
+            if fields[role] is not None:
+                getattr(writer, f"add_{role}_token_id")(fields[role])
+        writer.add_add_bos_token(tokenizer.add_bos)
+        if tokenizer.chat_template is not None:
+            writer.add_chat_template(tokenizer.chat_template)
         for name, tensor in gguf_tensors(model, arch).items():
             data, qtype = _encode(tensor, "f32" if name == "position_embd.weight" else kind)
             writer.add_tensor(name, data, raw_dtype=qtype)
@@ -173,16 +177,20 @@ def export(src: Path, out: Path, kind: str = "f32") -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+
+    return atomic_write(Path(out), write)
 
 
 # --- reading ------------------------------------------------------------------------------------------------
+
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+WEIGHTS = ("auto", "int8", "int4", "fp32")  # how read() keeps the file's weight matrices
+NATIVE = {"Q8_0": 8, "Q4_0": 4}  # GGML types whose blocks are gptkit's int8 / int4 (groups of 32) as they are
+FLOAT = {"F32", "F16", "BF16", "F64"}
+# quantized types of 5 bits or more a weight go to int8, the rest (Q4_1, Q4_K, Q3_K, Q2_K, IQ*...) to int4
+EIGHT_BIT = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}  # an fp16 scale, then 32 int8 or 16 bytes of nibble pairs
+
 
 def _read(path: Path):
     import gguf
@@ -195,12 +203,12 @@ def _read(path: Path):
         raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated?'})") from None
 
 
-def _field(reader, key: str, default=None):
+def _field(reader, key: str, default=None, path: Path | str = "the GGUF file"):
     field = reader.fields.get(key)
     if field is None:
         if default is not None:
             return default
-        raise GGUFError(f"the GGUF file has no {key}")
+        raise GGUFError(f"{path} has no {key}")
     return field.contents()
 
 
@@ -208,94 +216,245 @@ def _f32(value) -> float:
     return float(f"{float(value):.7g}")  # GGUF stores float32: 1e-5 comes back as 9.99999974738e-06
 
 
-def _config(reader, arch: str, vocab_size: int) -> GPTConfig:
+def _config(reader, arch: str, vocab_size: int, path: Path) -> GPTConfig:
     a = arch
-    n_embd, n_head = int(_field(reader, f"{a}.embedding_length")), int(_field(reader, f"{a}.attention.head_count"))
-    hidden = int(_field(reader, f"{a}.feed_forward_length"))
-    common = dict(vocab_size=vocab_size, context=int(_field(reader, f"{a}.context_length")), n_head=n_head,
-                  n_layer=int(_field(reader, f"{a}.block_count")), n_embd=n_embd,
+    get = lambda key, default=None: _field(reader, f"{a}.{key}", default, path)  # noqa: E731
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    hidden = int(get("feed_forward_length"))
+    head_dim = int(get("attention.key_length", n_embd // n_head))
+    _require(int(get("attention.value_length", head_dim)) == head_dim,
+             f"{path}: keys and values of different widths are not read")
+    common = dict(vocab_size=vocab_size, context=int(get("context_length")), n_head=n_head,
+                  n_layer=int(get("block_count")), n_embd=n_embd,
                   mlp_hidden=None if hidden == 4 * n_embd else hidden,  # None: the default width, as presets say it
+                  head_size=None if head_dim == n_embd // n_head else head_dim,
                   tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
     try:
         if arch == "gpt2":
-            return GPTConfig(**common, norm_eps=_f32(_field(reader, "gpt2.attention.layer_norm_epsilon")))
-        kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+            return GPTConfig(**common, norm_eps=_f32(get("attention.layer_norm_epsilon")))
+        scaling = reader.fields.get(f"{a}.rope.scaling.type")
+        _require(scaling is None or scaling.contents() in ("none", ""), f"{path}: RoPE scaling "
+                 f"{scaling and scaling.contents()!r} is not read")
+        _require(int(get("rope.dimension_count", head_dim)) == head_dim,
+                 f"{path}: rotary embeddings over part of each head are not read")
+        kv = int(get("attention.head_count_kv", n_head))
         return GPTConfig(**common, n_kv_head=None if kv == n_head else kv, norm="rmsnorm", pos="rope",
-                         norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-                         rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)), activation="swiglu",
-                         bias=False)
+                         norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+                         rope_theta=_f32(get("rope.freq_base", 10000.0)), activation="swiglu",
+                         bias=arch == "qwen2",  # its q/k/v biases; the other biases are zeros
+                         qk_norm=arch == "qwen3")
     except ConfigError as e:
-        raise GGUFError(f"the GGUF file describes no valid model: {e}") from None
+        raise GGUFError(f"{path} describes no valid model: {e}") from None
 
 
-def _tokenizer(reader) -> Tokenizer:
-    _require(_field(reader, "tokenizer.ggml.model") == "gpt2", "only byte-level BPE vocabularies (tokenizer.ggml.model "
-             f"= gpt2) are read, not {_field(reader, 'tokenizer.ggml.model')!r}")
-    pre = _field(reader, "tokenizer.ggml.pre", GPT2_PRE)
-    _require(pre == GPT2_PRE, f"the pre-tokenizer {pre!r} is not read (only {GPT2_PRE!r})")
-    tokens, types = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (1, 6)}
-    special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3}
-    return Tokenizer.from_bpe(vocab, merges, GPT2_PATTERN, special)
+def _tokenizer(reader, path: Path) -> Tokenizer:
+    kind = _field(reader, "tokenizer.ggml.model", path=path)
+    _require(kind != "llama", f"{path}: SentencePiece vocabularies (tokenizer.ggml.model = llama: Llama 2, TinyLlama, "
+             f"Mistral) are not read; only byte-level BPE (gpt2)")
+    _require(kind == "gpt2", f"{path}: only byte-level BPE vocabularies (tokenizer.ggml.model = gpt2) are read, not "
+             f"{kind!r}")
+    pre = _field(reader, "tokenizer.ggml.pre", "default", path)  # llama.cpp's default when a file names none
+    tokens, types = _field(reader, "tokenizer.ggml.tokens", path=path), _field(reader, "tokenizer.ggml.token_type", path=path)
+    _require(len(tokens) == len(types), f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path=path)]
+    by_kind = {k: {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in k} for k in ((1, 6), (2, 3, 5), (4,))}
+    roles = {}
+    for role in ("bos", "eos", "eot"):
+        field = reader.fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            i = int(field.contents())
+            _require(0 <= i < len(tokens), f"{path}: tokenizer.ggml.{role}_token_id {i} is outside the vocabulary")
+            roles[role] = tokens[i]
+    default_bos = pre in ("llama-bpe", "llama3", "llama-v3")  # as llama.cpp decides for a file that does not say
+    roles["add_bos"] = bool(_field(reader, "tokenizer.ggml.add_bos_token", default_bos, path)) and "bos" in roles
+    template = reader.fields.get("tokenizer.chat_template")
+    roles["chat_template"] = template.contents() if template is not None else None
+    try:
+        return Tokenizer.from_bpe(by_kind[(1, 6)], merges, pre, by_kind[(2, 3, 5)], by_kind[(4,)], **roles)
+    except GptkitError as e:
+        raise GGUFError(f"{path}: {e}") from None
+    except Exception as e:  # the Rust side: a merge naming a token that is not in the vocabulary...
+        raise GGUFError(f"{path}: its vocabulary cannot be read ({e})") from None
 
 
-def _dequantized(tensor) -> torch.Tensor:
+def _dequantized(tensor, path: Path) -> torch.Tensor:
     import gguf
 
     try:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise GGUFError(f"{tensor.name} is stored as {tensor.tensor_type.name}, which gptkit does not read "
-                        f"(f32, f16, bf16, q8_0, q4_0)") from None
-    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+        raise GGUFError(f"{path}: {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
+                        f"cannot dequantize") from None
+    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(_shape(tensor))
 
 
-def import_gguf(path: Path, out: Path) -> Path:
-    """Read a gpt2 or llama GGUF file into a gptkit checkpoint directory `out` (weights dequantized to fp32)."""
-    reader = _read(Path(path))
-    arch = _field(reader, "general.architecture")
-    _require(arch in ("gpt2", "llama"), f"{path}: architecture {arch!r} is not read (gpt2, llama)")
-    tensors = {t.name: t for t in reader.tensors}
-    _require("token_embd.weight" in tensors, f"{path} has no token_embd.weight")
-    vocab_size = int(tensors["token_embd.weight"].shape[1])
-    n_tokens = len(_field(reader, "tokenizer.ggml.tokens"))
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape))
+
+
+def _blocks(tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of a Q8_0 / Q4_0 matrix in gptkit's form (quantize.quantize_weight's): the bytes as they are."""
+    N, K = _shape(tensor)
+    raw = np.asarray(tensor.data).reshape(N, K // quantize.BLOCK, BLOCK_BYTES[tensor.tensor_type.name])
+    scales = torch.from_numpy(np.ascontiguousarray(raw[..., :2]).view(np.float16).reshape(N, -1))
+    q = np.ascontiguousarray(raw[..., 2:]).reshape(N, -1)
+    return torch.from_numpy(q.view(np.int8) if tensor.tensor_type.name == "Q8_0" else q), scales
+
+
+class _Source:
+    """The tensors of one GGUF file, turned into what gptkit's modules hold."""
+
+    def __init__(self, reader, path: Path):
+        self.tensors, self.path, self.used = {t.name: t for t in reader.tensors}, path, set()
+
+    def get(self, name: str):
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path} has no {name}")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def float(self, names: list[str], heads: list[int | None]) -> torch.Tensor:
+        return torch.cat([_rows(_dequantized(self.get(n), self.path), h) for n, h in zip(names, heads)])
+
+    def quantized(self, names: list[str], heads: list[int | None], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scales) of the row-wise concatenation, each part's blocks copied where they are gptkit's type and
+        re-quantized from its values otherwise (one tensor's floats at a time)."""
+        qs, ds = [], []
+        for name, h in zip(names, heads):
+            t = self.get(name)
+            if NATIVE.get(t.tensor_type.name) == bits:
+                q, d = _blocks(t)
+            else:
+                q, d = quantize.quantize_weight(_dequantized(t, self.path), bits, quantize.BLOCK)
+            qs.append(_rows(q, h))
+            ds.append(_rows(d, h))
+        return quantize.interleave(torch.cat(qs), torch.cat(ds))
+
+
+def _rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """Rows of a llama q/k projection (or of its blocks and scales) back from llama.cpp's rotary order."""
+    return t if heads is None else _unpermute(t, heads)
+
+
+def _layout(c: GPTConfig, arch: str) -> dict[str, tuple[list[str], list[int | None]]]:
+    """gptkit linear (or embedding) module -> the GGUF matrices stacked into its weight, with the heads whose rotary
+    order each is in (None: rows as they are)."""
+    rope_order = arch == "llama"  # qwen2/qwen3 files keep transformers' rotate-half order
+    layout = {"wte": (["token_embd.weight"], [None])}
+    if not c.tie_embeddings:
+        layout["lm_head"] = (["output.weight"], [None])
+    for i in range(c.n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        if arch == "gpt2":
+            layout[b + "attn.qkv"] = ([g + "attn_qkv.weight"], [None])
+            layout[b + "mlp.fc"] = ([g + "ffn_up.weight"], [None])
+        else:
+            layout[b + "attn.qkv"] = ([g + "attn_q.weight", g + "attn_k.weight", g + "attn_v.weight"],
+                                      [c.n_head, c.kv_heads, None] if rope_order else [None] * 3)
+            layout[b + "mlp.fc"] = ([g + "ffn_gate.weight", g + "ffn_up.weight"], [None, None])
+        layout[b + "attn.proj"] = ([g + "attn_output.weight"], [None])
+        layout[b + "mlp.proj"] = ([g + "ffn_down.weight"], [None])
+    return layout
+
+
+def _vectors(c: GPTConfig, arch: str) -> dict[str, list[str]]:
+    """gptkit parameter -> the GGUF vectors (or position table) it is, concatenated; [] for a zero bias."""
+    names = {"norm_f.weight": ["output_norm.weight"]}
+    parts = {"norm1": "attn_norm", "norm2": "ffn_norm"}
+    if arch == "gpt2":
+        names |= {"wpe.weight": ["position_embd.weight"], "norm_f.bias": ["output_norm.bias"]}
+    for i in range(c.n_layer):
+        b, g = f"blocks.{i}.", f"blk.{i}."
+        for ours, theirs in parts.items():
+            names[f"{b}{ours}.weight"] = [f"{g}{theirs}.weight"]
+            if arch == "gpt2":
+                names[f"{b}{ours}.bias"] = [f"{g}{theirs}.bias"]
+        if arch == "gpt2":
+            names |= {b + "attn.qkv.bias": [g + "attn_qkv.bias"], b + "attn.proj.bias": [g + "attn_output.bias"],
+                      b + "mlp.fc.bias": [g + "ffn_up.bias"], b + "mlp.proj.bias": [g + "ffn_down.bias"]}
+        elif arch == "qwen2":
+            names |= {b + "attn.qkv.bias": [g + "attn_q.bias", g + "attn_k.bias", g + "attn_v.bias"],
+                      b + "attn.proj.bias": [], b + "mlp.fc.bias": [], b + "mlp.proj.bias": []}
+        elif arch == "qwen3":
+            names |= {b + "attn.q_norm.weight": [g + "attn_q_norm.weight"], b + "attn.k_norm.weight": [g + "attn_k_norm.weight"]}
+    return names
+
+
+def _scheme(source: _Source, layout: dict, weights: str) -> quantize.Scheme | None:
+    """How the file's weight matrices are kept: their own blocks where they are gptkit's (Q8_0 as int8, Q4_0 as
+    int4), the other quantized types re-quantized to the nearest of int8 / int4 (`auto`), or every one to `weights`;
+    matrices stored as floats stay floats."""
+    if weights == "fp32":
+        return None
+    kinds = {m: {source.tensors[n].tensor_type.name for n in names if n in source.tensors}
+             for m, (names, _) in layout.items()}
+    linears = {m: k for m, k in kinds.items() if m != "wte"}
+    quantized = [t for k in linears.values() for t in k if t not in FLOAT]
+    if not quantized:
+        return None
+    bits = {"int8": 8, "int4": 4}.get(weights) or (8 if all(t in EIGHT_BIT for t in quantized) else 4)
+    skip = tuple(m for m, k in linears.items() if k <= FLOAT)
+    return quantize.Scheme(bits, quantize.BLOCK, 8 if kinds["wte"] - FLOAT else None, skip)
+
+
+def read(path: Path, weights: str = "auto") -> tuple[GPT, Tokenizer]:
+    """The model and tokenizer of a gpt2, llama, qwen2 or qwen3 GGUF file. `weights`: "auto" keeps Q8_0 / Q4_0
+    blocks as gptkit's int8 / int4 as they are (no floating-point matrix is built) and re-quantizes other quantized
+    types to the nearest of them; "int8" / "int4" every quantized matrix to that; "fp32" dequantizes all."""
+    path = Path(path)
+    _require(weights in WEIGHTS, f"unknown weights {weights!r}; choose {', '.join(WEIGHTS)}")
+    reader = _read(path)
+    arch = _field(reader, "general.architecture", path=path)
+    _require(arch in ARCHITECTURES, f"{path}: architecture {arch!r} is not read ({', '.join(ARCHITECTURES)})")
+    source = _Source(reader, path)
+    _require("token_embd.weight" in source.tensors, f"{path} has no token_embd.weight")
+    _require("rope_freqs.weight" not in source.tensors, f"{path}: RoPE frequency factors (rope_freqs.weight, Llama "
+             f"3.1's long-context scaling) are not read")
+    vocab_size = _shape(source.tensors["token_embd.weight"])[0]
+    n_tokens = len(_field(reader, "tokenizer.ggml.tokens", path=path))
     _require(n_tokens == vocab_size, f"{path}: {n_tokens} tokens in the vocabulary but {vocab_size} rows in "
              f"token_embd.weight")
-    config = _config(reader, arch, vocab_size)
-    tokenizer = _tokenizer(reader)
+    config = _config(reader, arch, vocab_size, path)
+    tokenizer = _tokenizer(reader, path)
+    layout = _layout(config, arch)
+    scheme = _scheme(source, layout, weights)
     with torch.device("meta"):
         model = GPT(config)
-    names = {theirs: ours for ours, theirs in _names(config, arch).items()}
+    if scheme is not None:
+        quantize.skeleton(model, scheme.to_dict())
+    modules = dict(model.named_modules())
     state = {}
-    for name, tensor in tensors.items():
-        value = _dequantized(tensor)
-        if name in names:
-            state[names[name]] = value
-        elif arch == "llama" and name.startswith("blk."):
-            state[name] = value  # split tensors, fused below
-        elif name != "output.weight":
-            raise GGUFError(f"{path}: unexpected tensor {name}")
-    if arch == "llama":
-        for i in range(config.n_layer):
-            p = f"blk.{i}."
-            try:
-                q, k, v = state.pop(p + "attn_q.weight"), state.pop(p + "attn_k.weight"), state.pop(p + "attn_v.weight")
-                gate, up = state.pop(p + "ffn_gate.weight"), state.pop(p + "ffn_up.weight")
-            except KeyError as e:
-                raise GGUFError(f"{path} has no {e.args[0]}") from None
-            state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([_unpermute(q, config.n_head), _unpermute(k, config.kv_heads), v])
-            state[f"blocks.{i}.mlp.fc.weight"] = torch.cat([gate, up])
-        leftover = [k for k in state if k.startswith("blk.")]
-        _require(not leftover, f"{path}: unexpected tensor {leftover[0] if leftover else ''}")
+    for name, (names, heads) in layout.items():
+        module = modules[name]
+        if isinstance(module, quantize.QuantLinear):
+            state[name + ".qweight"], state[name + ".scales"] = source.quantized(names, heads, module.bits)
+        else:
+            state[name + ".weight"] = source.float(names, heads)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for name, names in _vectors(config, arch).items():
+        state[name] = source.float(names, [None] * len(names)) if names else torch.zeros(shapes[name])
+    leftover = sorted(set(source.tensors) - source.used)
+    _require(not leftover, f"{path}: unexpected tensor {leftover[0] if leftover else ''}")
     try:
         checkpoint.check_state(model, state, path)
     except checkpoint.CheckpointError as e:
         raise GGUFError(str(e)) from None
     model.load_state_dict(state, assign=True)
+    if scheme is not None:
+        quantize.check_loaded(model)
     if config.pos == "rope":
         from .model import rope_tables
 
         model.rope_cos, model.rope_sin = rope_tables(config)
+    try:
+        checkpoint.check_tokenizer(model, tokenizer, path)
+    except checkpoint.CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    return model.eval(), tokenizer
+
+
+def import_gguf(path: Path, out: Path, weights: str = "auto") -> Path:
+    """Read a GGUF file (see `read`) into a gptkit checkpoint directory `out`."""
+    model, tokenizer = read(path, weights)
     checkpoint.save(Path(out), model, tokenizer)
     return Path(out)

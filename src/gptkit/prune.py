@@ -66,14 +66,12 @@ def calibration_batches(path: Path, tokenizer: Tokenizer, context: int, sequence
                         length: int = 256, batch: int = 8) -> list[Tensor]:
     """Up to `sequences` windows of `length` tokens (at most the context) from a text file, or from a prepared
     data directory's train split (which must come from the model's tokenizer)."""
-    import hashlib
-
     from .data import TokenShards
 
     path, length = Path(path), min(length, context)
     if path.is_dir():
         data = TokenShards(path, "train")
-        if data.tokenizer_sha256() != hashlib.sha256(tokenizer.to_json()[1].encode()).hexdigest():
+        if data.tokenizer_sha256() != tokenizer.fingerprint():
             raise PruneError(f"{path} was tokenized with a different tokenizer than the model's")
         ids = torch.cat([x.flatten() for x, _ in data.windows(length, batch)])[:sequences * length]
     elif path.is_file():

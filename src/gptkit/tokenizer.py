@@ -1,7 +1,11 @@
-"""Tokenizers: character-level and byte-level BPE (trained, GPT-2 vocab/merges, or tiktoken rank files).
+"""Tokenizers: character-level and byte-level BPE (trained, GPT-2 vocab/merges, tiktoken rank files, the vocabularies
+of GGUF files and transformers directories).
 
 Byte-level BPE runs on the `tokenizers` library; tiktoken rank files are converted to its BPE model
-(vocabulary + merges recovered from the ranks), so one engine encodes every vocabulary.
+(vocabulary + merges recovered from the ranks), so one engine encodes every vocabulary. llama.cpp's pre-tokenizers
+(the names a GGUF file gives its split: `gpt-2`, `smollm`, `llama-bpe`, `qwen2`, `default`) are the same regexes
+in the same order, as `Split` steps before the byte-level mapping. Beside the vocabulary a tokenizer keeps what its
+model's files say of it: BOS / EOS / end-of-turn tokens, whether a document starts with BOS, its chat template.
 """
 
 from __future__ import annotations
@@ -19,7 +23,30 @@ from .errors import GptkitError
 EOT = "<|endoftext|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML role delimiters: <|im_start|>user\n...<|im_end|>
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-BPE_FILE, CHARS_FILE = "tokenizer.json", "chars.json"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # llama.cpp's spelling of (?i:'s|...)
+LLAMA3_PATTERN = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# llama.cpp's pre-tokenizers (src/llama-vocab.cpp): the regexes each splits text with, one after the other. (Its
+# GPT-2 regex lacks the final `|\s+`, but its hand-written matcher for it, the one that runs, has it.)
+PRE_TOKENIZERS = {
+    "gpt-2": (GPT2_PATTERN,),
+    "smollm": (r"\p{N}", GPT2_PATTERN),  # digits one by one, then GPT-2's split
+    "llama-bpe": (LLAMA3_PATTERN,),
+    "qwen2": (QWEN2_PATTERN,),
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN, r"\p{N}+", r"[0-9][0-9][0-9]"),
+}
+PRE_TOKENIZER_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "mpt": "gpt-2",
+                         "olmo": "gpt-2", "phi-2": "gpt-2", "starcoder": "smollm", "refact": "smollm",
+                         "codeshell": "smollm", "deepseek-r1-qwen": "qwen2"}
+IGNORE_MERGES = {"llama-bpe"}  # a pre-token that is itself in the vocabulary is one token (llama.cpp, tiktoken)
+# other spellings of the same splits (transformers' tokenizer.json files, llama.cpp's regex strings)
+_SAME_SPLIT = {
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": GPT2_PATTERN,
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)": GPT2_PATTERN,
+    LLAMA3_PATTERN.replace(_CONTRACTIONS, "(?i:'s|'t|'re|'ve|'m|'ll|'d)"): LLAMA3_PATTERN,
+    QWEN2_PATTERN.replace(_CONTRACTIONS, "(?i:'s|'t|'re|'ve|'m|'ll|'d)"): QWEN2_PATTERN,
+}
+BPE_FILE, CHARS_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "chars.json", "tokenizer_config.json", "chat_template.jinja"
 
 
 class TokenizerError(GptkitError):
@@ -58,23 +85,61 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def _byte_level(engine: HFTokenizer, pattern: str) -> HFTokenizer:
+def _byte_level(engine: HFTokenizer, *patterns: str) -> HFTokenizer:
     # tiktoken patterns are written for a regex engine where `$` is end of text (oniguruma's is end of line)
     # and `{1,3}+` is possessive (oniguruma reads it as a repeat of a repeat).
-    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern.replace("$", r"\z"))
+    splits = [pre_tokenizers.Split(Regex(re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", p.replace("$", r"\z"))),
+                                   behavior="isolated") for p in patterns]
     engine.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        *splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     engine.decoder = decoders.ByteLevel()
     return engine
 
 
-class Tokenizer:
-    """Text <-> token ids. Special tokens come only from `encode(..., allow_special=True)`."""
+def pre_tokenizer_patterns(name: str, source: object = "the vocabulary") -> tuple[str, ...]:
+    """The regexes of llama.cpp's pre-tokenizer `name`, or a TokenizerError naming it."""
+    name = PRE_TOKENIZER_ALIASES.get(name, name)
+    if name not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{source}: the pre-tokenizer {name!r} is not one gptkit reads "
+                             f"({', '.join(PRE_TOKENIZERS)})")
+    return PRE_TOKENIZERS[name]
 
-    def __init__(self, engine: HFTokenizer):
+
+def _split_steps(spec: dict | None) -> list[str] | None:
+    """The regexes a tokenizer.json pre-tokenizer splits with, in order, when it is byte-level BPE's kind
+    (Split / Digits steps, then ByteLevel); None for anything else."""
+    if not spec:
+        return None
+    steps = spec["pretokenizers"] if spec.get("type") == "Sequence" else [spec]
+    patterns, byte_level = [], False
+    for step in steps:
+        kind = step.get("type")
+        if byte_level:
+            return None  # a split after the byte mapping: not llama.cpp's order
+        if kind == "Split" and "Regex" in step.get("pattern", {}) and step.get("behavior") == "Isolated" \
+                and not step.get("invert"):
+            patterns.append(step["pattern"]["Regex"])
+        elif kind == "Digits":
+            patterns.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        elif kind == "ByteLevel" and not step.get("add_prefix_space"):
+            byte_level = True
+            if step.get("use_regex", True):
+                patterns.append(GPT2_PATTERN)  # ByteLevel(use_regex=True) applies GPT-2's regex itself
+        else:
+            return None
+    return [_SAME_SPLIT.get(p, p) for p in patterns] if byte_level else None
+
+
+class Tokenizer:
+    """Text <-> token ids. Special tokens come only from `encode(..., allow_special=True)`. `bos`, `eos`, `eot`:
+    the model's begin-of-document, end-of-document and end-of-turn tokens (None: <|endoftext|> where it has one);
+    `add_bos`: a document starts with `bos`; `chat_template`: the model's own Jinja chat template."""
+
+    def __init__(self, engine: HFTokenizer, bos: str | None = None, eos: str | None = None, eot: str | None = None,
+                 add_bos: bool = False, chat_template: str | None = None):
         self.engine = engine
+        self.bos, self.eos, self.eot, self.add_bos, self.chat_template = bos, eos, eot, bool(add_bos), chat_template
         engine.encode_special_tokens = True  # ordinary text never yields a special token
         self.special = {t.content: i for i, t in engine.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = max(engine.get_vocab_size(with_added_tokens=True), max(self.special.values(), default=-1) + 1)
@@ -85,6 +150,16 @@ class Tokenizer:
         if isinstance(engine.decoder, decoders.Fuse):
             vocab = engine.get_vocab(with_added_tokens=False)
             self.chars = sorted(vocab, key=vocab.__getitem__)
+        for role, token in (("bos", bos), ("eos", eos), ("eot", eot)):
+            if token is not None and engine.token_to_id(token) is None:
+                raise TokenizerError(f"the {role} token {token!r} is not in the vocabulary")
+        if self.add_bos and bos is None:
+            raise TokenizerError("a tokenizer that starts documents with BOS needs a bos token")
+        self._template = None
+        if chat_template is not None:
+            from .chat_template import ChatTemplate
+
+            self._template = ChatTemplate(chat_template, bos, eos)  # compiled now: a broken one fails at load
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -142,15 +217,34 @@ class Tokenizer:
         return cls(engine)
 
     @classmethod
-    def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str,
-                 special: dict[str, int]) -> Tokenizer:
-        """A byte-level BPE vocabulary (GPT-2's printable-byte strings) with its merges, split pattern and special
-        tokens at the ids given (e.g. as a GGUF file lists them)."""
+    def from_bpe(cls, vocab: dict[str, int], merges: list[tuple[str, str]], pre: str, special: dict[str, int],
+                 added: dict[str, int] | None = None, **roles) -> Tokenizer:
+        """A byte-level BPE vocabulary (GPT-2's printable-byte strings) with its merges, llama.cpp's pre-tokenizer
+        `pre` and special tokens at the ids given (as a GGUF file lists them); `added`: tokens matched whole in any
+        text (llama.cpp's user-defined ones); `roles`: bos, eos, eot, add_bos, chat_template."""
         from tokenizers import AddedToken
 
-        engine = _byte_level(HFTokenizer(models.BPE({**vocab, **special}, merges)), pattern)
+        added = added or {}
+        ignore = PRE_TOKENIZER_ALIASES.get(pre, pre) in IGNORE_MERGES
+        engine = _byte_level(HFTokenizer(models.BPE({**vocab, **special, **added}, merges, ignore_merges=ignore)),
+                             *pre_tokenizer_patterns(pre))
+        engine.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
         engine.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        return cls(engine)
+        return cls(engine, **roles)
+
+    def pre_tokenizer_name(self) -> str | None:
+        """llama.cpp's name for how this tokenizer splits text before BPE, None where it has none."""
+        if self.chars is not None:
+            return None
+        spec = json.loads(self.engine.to_str())
+        patterns = _split_steps(spec.get("pre_tokenizer"))
+        if patterns is None or spec.get("normalizer"):
+            return None
+        ignore = bool(spec["model"].get("ignore_merges"))
+        for name, theirs in PRE_TOKENIZERS.items():
+            if list(theirs) == patterns and ignore == (name in IGNORE_MERGES):
+                return name
+        return None
 
     @classmethod
     def from_tiktoken(cls, name_or_file: str | os.PathLike, encoding: str | None = None) -> Tokenizer:
@@ -175,6 +269,22 @@ class Tokenizer:
     @property
     def eot_id(self) -> int:
         return self.special[EOT]
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.engine.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos)
+
+    @property
+    def eos_id(self) -> int | None:
+        """The id that ends a document: the model's EOS, else <|endoftext|>."""
+        return self.token_id(self.eos) if self.eos is not None else self.special.get(EOT)
+
+    def encode_document(self, text: str) -> list[int]:
+        """Ordinary text as a model reads a document: BOS first where the model's files say so."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
     def _encode_ordinary(self, text: str) -> list[int]:
         ids = self.engine.encode(text, add_special_tokens=False).ids
@@ -212,59 +322,112 @@ class Tokenizer:
         engine = HFTokenizer.from_str(self.engine.to_str())
         for t in new:
             _add_special_at(engine, t, max(self.vocab_size, engine.get_vocab_size(with_added_tokens=True)))
-        return Tokenizer(engine)
+        return Tokenizer(engine, self.bos, self.eos, self.eot, self.add_bos, self.chat_template)
 
     # --- chat -----------------------------------------------------------------------------------------------
+    def template(self):
+        """The chat template conversations are rendered with: the model's own, else gptkit's ChatML when the
+        vocabulary has its tokens, else None (plain "Role: text" lines)."""
+        if self._template is None and all(t in self.special for t in CHAT_TOKENS):
+            from .chat_template import CHATML, ChatTemplate
+
+            self._template = ChatTemplate(CHATML, self.bos, self.eos, origin="gptkit's ChatML")
+        return self._template
+
     def encode_chat(self, messages: list[dict], with_mask: bool = False, reply: bool = True):
-        """A conversation as token ids: the one chat template, for serving and training alike. ChatML with the
-        chat tokens when the vocabulary has them (message text can never inject a special token); otherwise
-        plain "Role: text" lines. `reply`: end where the assistant speaks next (a prompt). `with_mask`: return
-        (ids, mask) with mask 1 on what a model learns to say, each assistant message and its end token."""
-        start, end = (self.special.get(t) for t in CHAT_TOKENS)
-        if start is None or end is None:
+        """A conversation as token ids: the one chat template, for serving and training alike (see `template`).
+        Special tokens come from the template's text only, never from a message's content. `reply`: end where the
+        assistant speaks next (a prompt). `with_mask`: return (ids, mask) with mask 1 on what a model learns to
+        say, each assistant message and its end-of-turn token."""
+        template = self.template()
+        if template is None:
             if with_mask:
-                raise TokenizerError(f"training on conversations needs the chat tokens {', '.join(CHAT_TOKENS)}")
+                raise TokenizerError(f"training on conversations needs a chat template or the chat tokens "
+                                     f"{', '.join(CHAT_TOKENS)}")
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
             return self.encode(text + ("Assistant:" if reply else ""))
-        ids: list[int] = []
-        mask: list[int] = []
-        for m in messages:
-            head, body, tail = [start] + self.encode(f"{m['role']}\n"), self.encode(m["content"]) + [end], self.encode("\n")
-            ids += head + body + tail
-            mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body) + [0] * len(tail)
-        if reply:
-            head = [start] + self.encode("assistant\n")
-            ids, mask = ids + head, mask + [0] * len(head)
-        return (ids, mask) if with_mask else ids
+        text = template.render(messages, add_generation_prompt=reply)
+        ids, starts = self._encode_rendered(text, _content_spans(text, messages))
+        if not with_mask:
+            return ids
+        ends = tuple(t for t in (self.eot, self.eos, CHAT_TOKENS[1]) if t is not None and t in self.special)
+        spans = template.assistant_spans(messages, ends)
+        return ids, [int(any(a <= s < b for a, b in spans)) for s in starts]
+
+    def _encode_rendered(self, text: str, literal: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """(ids, each token's first character) of a rendered template: its special tokens are special except
+        inside the `literal` spans (message contents)."""
+        ids, starts, at = [], [], 0
+
+        def ordinary(a: int, b: int) -> None:
+            if a == b:
+                return
+            if self.chars is not None:
+                ids.extend(self._encode_ordinary(text[a:b]))
+                starts.extend(range(a, b))
+                return
+            enc = self.engine.encode(text[a:b], add_special_tokens=False)
+            ids.extend(enc.ids)
+            starts.extend(a + o[0] for o in enc.offsets)
+
+        for m in self._special_re.finditer(text):
+            if any(a < m.end() and m.start() < b for a, b in literal):
+                continue
+            ordinary(at, m.start())
+            ids.append(self.special[m.group()])
+            starts.append(m.start())
+            at = m.end()
+        ordinary(at, len(text))
+        return ids, starts
 
     def chat_stops(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """(stop strings, stop token ids) that end an assistant turn."""
-        end = self.special.get(CHAT_TOKENS[1])
-        eot = self.special.get(EOT)
-        if end is not None and self.special.get(CHAT_TOKENS[0]) is not None:
-            return (), tuple(i for i in (end, eot) if i is not None)
-        return ("\nUser:", "\nSystem:"), ((eot,) if eot is not None else ())
+        template = self.template()
+        if template is None:
+            eot = self.special.get(EOT)
+            return ("\nUser:", "\nSystem:"), ((eot,) if eot is not None else ())
+        ends = [self.eot, self.eos, EOT] + [CHAT_TOKENS[1]] * (CHAT_TOKENS[1] in template.source)
+        ids = [self.special[t] for t in ends if t is not None and t in self.special]
+        return (), tuple(dict.fromkeys(ids))
 
     # --- files --------------------------------------------------------------------------------------------
-    def to_json(self) -> tuple[str, str]:
-        """(file name, contents) of this tokenizer's file in a checkpoint directory."""
-        return BPE_FILE, self.engine.to_str()
+    def files(self) -> dict[str, str]:
+        """{file name: contents} of this tokenizer's files in a checkpoint directory: the vocabulary
+        (tokenizer.json) and, where the model's files said anything of its tokens or chat, tokenizer_config.json
+        (transformers' keys, so transformers reads it too)."""
+        files = {BPE_FILE: self.engine.to_str()}
+        roles = {"bos_token": self.bos, "eos_token": self.eos, "eot_token": self.eot, "chat_template": self.chat_template}
+        roles = {k: v for k, v in roles.items() if v is not None}
+        if roles or self.add_bos:
+            files[CONFIG_FILE] = json.dumps({"add_bos_token": self.add_bos, **roles}, indent=2, ensure_ascii=False) + "\n"
+        return files
+
+    def fingerprint(self) -> str:
+        """The SHA-256 of the vocabulary and its split (what token shards record of the tokenizer that made them)."""
+        import hashlib
+
+        return hashlib.sha256(self.engine.to_str().encode()).hexdigest()
 
     def save(self, directory: Path) -> Path:
-        name, text = self.to_json()
-        path = Path(directory) / name
-        path.write_text(text, encoding="utf-8")
-        return path
+        from .files import atomic_write
+
+        for name, text in self.files().items():
+            atomic_write(Path(directory) / name, text)
+        return Path(directory) / BPE_FILE
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
         directory = Path(directory)
         try:
             if (directory / BPE_FILE).exists():
-                return cls(HFTokenizer.from_file(str(directory / BPE_FILE)))
+                return cls(HFTokenizer.from_file(str(directory / BPE_FILE)), **_roles(directory))
             if (directory / CHARS_FILE).exists():
                 d = json.loads((directory / CHARS_FILE).read_text(encoding="utf-8"))
                 return cls.from_chars(list(d["chars"]), {k: int(v) for k, v in d["special"].items()})  # older runs
+        except TokenizerError:
+            raise
+        except GptkitError as e:
+            raise TokenizerError(str(e)) from None
         except (Exception, KeyError) as e:
             raise TokenizerError(f"corrupt tokenizer file in {directory}: {e}") from None
         raise TokenizerNotFound(f"no tokenizer in {directory} (expected {BPE_FILE} or {CHARS_FILE})")
@@ -272,6 +435,44 @@ class Tokenizer:
     def describe(self) -> str:
         kind = "char" if self.chars is not None else "byte-level BPE"
         return f"{kind}, {self.vocab_size} tokens, special: {', '.join(self.special) or 'none'}"
+
+
+def _token_text(value) -> str | None:
+    """A token as tokenizer_config.json gives it: a string, or transformers' {"content": ...} record."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _roles(directory: Path) -> dict:
+    """What a directory's tokenizer_config.json (and chat_template.jinja) say of the tokens and the chat."""
+    path = directory / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: not a JSON object")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: transformers' default is "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (directory / TEMPLATE_FILE).exists():
+        template = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+    roles = {"bos": _token_text(config.get("bos_token")), "eos": _token_text(config.get("eos_token")),
+             "eot": _token_text(config.get("eot_token")), "add_bos": bool(config.get("add_bos_token", False)),
+             "chat_template": template}
+    if roles["add_bos"] and roles["bos"] is None:
+        roles["add_bos"] = False  # transformers' files may say add_bos_token with no bos_token: nothing to add
+    return roles
+
+
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each message's content appears in the rendered text, in order (a template that rewrote a content
+    leaves it unmarked)."""
+    spans, at = [], 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str) and content:
+            i = text.find(content, at)
+            if i >= 0:
+                spans.append((i, i + len(content)))
+                at = i + len(content)
+    return spans
 
 
 def _add_special_at(engine: HFTokenizer, token: str, index: int) -> None:

@@ -302,9 +302,8 @@ def save_task(model: TaskModel, tokenizer: Tokenizer, out: Path, base: Path | No
     meta = {"base": str(base.resolve()), "base_sha256": checkpoint.weights_sha256(base), "rank": lora.lora_rank,
             "alpha": lora.lora_alpha,
             "targets": list(lora.lora_targets), "first_task_token": first_new}
-    name, text = tokenizer.to_json()
     files.commit(out, {ADAPTER_FILE: lambda p: save_file(adapter, str(p)), ADAPTER_META: json.dumps(meta),
-                       TASK_FILE: task, name: text})
+                       TASK_FILE: task, **tokenizer.files()})
 
 
 def _read_json(path: Path) -> dict:

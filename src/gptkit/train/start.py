@@ -36,7 +36,7 @@ def build(cfg: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> tuple
 
 def _same_tokenizer(path: str, tokenizer: Tokenizer, what: str) -> None:
     theirs = checkpoint.load_tokenizer(path)
-    if theirs is None or theirs.to_json() != tokenizer.to_json():
+    if theirs is None or theirs.files() != tokenizer.files():
         raise TrainError(f"{what} {path} was trained with another tokenizer than the data's")
 
 
