@@ -277,6 +277,11 @@ def _tokenizer(reader, path: Path) -> Tokenizer:
         raise GGUFError(f"{path}: its vocabulary cannot be read ({e})") from None
 
 
+def read_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a GGUF file alone (its vocabulary, pre-tokenizer, special tokens and chat template)."""
+    return _tokenizer(_read(Path(path)), Path(path))
+
+
 def _dequantized(tensor, path: Path) -> torch.Tensor:
     import gguf
 

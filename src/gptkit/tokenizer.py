@@ -88,7 +88,7 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def _byte_level(engine: HFTokenizer, *patterns: str) -> HFTokenizer:
     # tiktoken patterns are written for a regex engine where `$` is end of text (oniguruma's is end of line)
     # and `{1,3}+` is possessive (oniguruma reads it as a repeat of a repeat).
-    splits = [pre_tokenizers.Split(Regex(re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", p.replace("$", r"\z"))),
+    splits = [pre_tokenizers.Split(Regex(re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", re.sub(r"(?<!\\)\$", r"\\z", p))),
                                    behavior="isolated") for p in patterns]
     engine.pre_tokenizer = pre_tokenizers.Sequence([
         *splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
