@@ -11,23 +11,34 @@ from .generate import GenerationError, SamplingParams
 
 
 class ChatSession:
-    def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+    """`max_new_tokens`: the longest reply; None: half the context, at most 256. A reply's prompt keeps as many of
+    the latest turns as fit beside it. The conversation is rendered with the model's own chat template."""
+
+    def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.7,
                  top_p: float | None = 0.95, seed: int | None = None):
         self.lm, self.system = lm, system
         stop, self.stop_ids = lm.tokenizer.chat_stops()
+        context = lm.model.config.context
         # checked now, not at the first message
-        self.params = SamplingParams(max_new_tokens=min(max_new_tokens, lm.model.config.context // 2),
+        self.params = SamplingParams(max_new_tokens=min(256, context // 2) if max_new_tokens is None else max_new_tokens,
                                      temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        if self.params.max_new_tokens >= context:
+            raise GenerationError(f"a reply of up to {self.params.max_new_tokens} tokens leaves no room for the "
+                                  f"conversation in the model's context of {context}; ask for fewer")
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=1)
         self.messages: list[dict] = []
         self.dropped = 0
         self._partial = ""
+        self._turn: object | None = None  # the reply queued and not yet read to its end
 
     @property
     def max_new_tokens(self) -> int:
         return self.params.max_new_tokens
 
     def reset(self) -> None:
+        if self._turn is not None:
+            self.engine.abort()
+            self._turn = None
         self.messages, self.dropped = [], 0
 
     def _prompt(self) -> list[int]:
@@ -51,27 +62,35 @@ class ChatSession:
 
     def send(self, text: str) -> Iterator[str]:
         """Add the user's message and stream the reply's pieces; the reply joins the history. A message that
-        cannot fit the context is refused (GenerationError) before anything is streamed."""
+        cannot fit the context is refused (GenerationError) before anything is streamed. A previous reply not
+        read to its end is stopped where its reader left it (as `interrupted`)."""
+        if self._turn is not None:
+            self.engine.abort()
+            self.interrupted()
         self.messages.append({"role": "user", "content": text})
         self.engine.add(Request(self._prompt(), self.params, self.stop_ids))
-        return self._reply()
+        self._partial, self._turn = "", object()
+        return self._reply(self._turn)
 
-    def _reply(self) -> Iterator[str]:
-        self._partial = ""
+    def _reply(self, turn: object) -> Iterator[str]:
         try:
-            while self.engine.has_work():
+            while self._turn is turn and self.engine.has_work():
                 for out in self.engine.step():
                     self._partial += out.text
                     if out.text:
                         yield out.text
-        finally:  # interrupted (Ctrl-C, the caller stopped reading): free the row
-            if self.engine.has_work():
+        finally:  # interrupted (Ctrl-C, the caller stopped reading): free the row, unless a newer reply has it
+            if self._turn is turn and self.engine.has_work():
                 self.engine.abort()
-        self.messages.append({"role": "assistant", "content": self._partial})
+        if self._turn is turn:
+            self._turn = None
+            self.messages.append({"role": "assistant", "content": self._partial})
 
     def interrupted(self) -> None:
         """Ctrl-C mid-reply: keep what was said so far."""
-        self.messages.append({"role": "assistant", "content": self._partial})
+        if self._turn is not None:
+            self._turn = None
+            self.messages.append({"role": "assistant", "content": self._partial})
 
 
 def terminal(session: ChatSession) -> None:

@@ -56,7 +56,8 @@ def cmd_chat(args) -> None:
     from ..chat import ChatSession, terminal
     from ..generate import SamplingParams
 
-    SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # check first
+    SamplingParams(max_new_tokens=1 if args.max_new_tokens is None else args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p)  # check first
     lm = gptkit.load(args.checkpoint, device=args.device, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p)
@@ -129,8 +130,8 @@ def _add_generate(sub) -> None:
 def _add_chat(sub) -> None:
     s = sub.add_parser("chat", help="talk to a chat model in the terminal")
     _add_model(s)
-    s.add_argument("--system", help="system message")
-    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--system", help="system message (default: the model's template's own, if it has one)")
+    s.add_argument("--max-new-tokens", type=int, help="longest reply (default: half the context, at most 256)")
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--top-p", type=float, default=0.95)
     s.set_defaults(func=cmd_chat)
