@@ -6,7 +6,7 @@ import torch
 from gptkit import GPT, Tokenizer, checkpoint, preset
 from gptkit.cli import main
 from gptkit.gguf import export, import_gguf
-from gptkit.quantize import dequantize_weight, quantize_weight
+from gptkit.quantize import QuantEmbedding, QuantLinear, dequantize_weight, interleave, quantize_weight
 
 gguf = pytest.importorskip("gguf")
 
@@ -64,10 +64,18 @@ def test_q8_0_and_q4_0_are_gptkit_blocks(tmp_path, bpe, kind, bits):
     tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
     assert tensor.tensor_type.name == kind.upper()
     import_gguf(tmp_path / "m.gguf", tmp_path / "back")
-    back = checkpoint.load_model(tmp_path / "back")
+    back = checkpoint.load_model(tmp_path / "back")  # the blocks as they are: gptkit's int8 / int4, no floats
+    assert back.quantization["bits"] == bits and isinstance(back.blocks[0].mlp.proj, QuantLinear)
     w = model.blocks[0].mlp.proj.weight
+    q, d = interleave(*quantize_weight(w, bits, 32))
+    assert torch.equal(back.blocks[0].mlp.proj.qweight, q) and torch.equal(back.blocks[0].mlp.proj.scales, d)
     expected = dequantize_weight(*quantize_weight(w, bits, 32), bits)
-    torch.testing.assert_close(back.blocks[0].mlp.proj.weight, expected, atol=0, rtol=0)
+    torch.testing.assert_close(back.blocks[0].mlp.proj.dequantize(), expected, atol=0, rtol=0)
+    export(tmp_path / "back", tmp_path / "again.gguf", kind)  # and back out: the same tensors
+    for x, y in zip(reader.tensors, gguf.GGUFReader(str(tmp_path / "again.gguf")).tensors):
+        if kind == "q4_0" and x.name == "token_embd.weight":
+            continue  # gptkit's embeddings are int8 only: a Q4_0 one is re-quantized to int8 at import
+        assert x.name == y.name and x.tensor_type == y.tensor_type and (x.data == y.data).all(), x.name
 
 
 @pytest.mark.parametrize("name, changes, reason", [
@@ -185,3 +193,114 @@ def test_llama_cpp_runs_our_export_with_our_logits(trained, tmp_path, arch, kind
     greedy_ours = generate_tokens(lm.model, [ids], SamplingParams(max_new_tokens=16, temperature=0))[0]
     if kind == "f32":
         assert greedy_theirs == greedy_ours
+
+
+# --- what people download: SmolLM2-135M-Instruct's Q4_1 file ---------------------------------------------------
+
+def test_smollm2_reads_quantized_as_it_is(smollm2, smollm2_gguf):
+    model, tokenizer = smollm2
+    c = model.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.vocab_size, c.rope_theta, c.tie_embeddings) == \
+        (30, 576, 9, 3, 49152, 1e5, True)
+    # Q4_1 has no gptkit kernel: re-quantized to int4; the Q8_0 token embedding (also the tied head) kept as it is
+    assert model.quantization["bits"] == 4 and model.quantization["embedding_bits"] == 8
+    assert isinstance(model.wte, QuantEmbedding) and isinstance(model.blocks[0].attn.qkv, QuantLinear)
+    reader = gguf.GGUFReader(str(smollm2_gguf))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    raw = embd.data.reshape(49152, 18, 34)
+    q = torch.from_numpy(raw[..., 2:].copy().view("int8").reshape(49152, 576))
+    assert torch.equal(model.wte.dequantize()[:100], dequantize_weight(
+        q[:100], torch.from_numpy(raw[:100, :, :2].copy().view("float16").reshape(100, 18)), 8))
+    from gptkit.chat import ChatSession
+    from gptkit.engine import LM
+
+    session = ChatSession(LM(model, tokenizer), max_new_tokens=8, temperature=0)  # through the model's template
+    assert "".join(session.send("What is the capital of France?")).startswith("The capital of France is Paris")
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_transformers_gguf_loader(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    from gptkit.gguf import read
+
+    ours, tokenizer = read(smollm2_gguf, "fp32")  # dequantized, as transformers reads the file
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                               dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("Ça va? 12345 — def f(x):\n    return x ** 2  🙂 naïve")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-3, rtol=0)
+
+
+def test_a_gguf_works_wherever_a_checkpoint_does(tmp_path, bpe, capsys):
+    import gptkit
+
+    src, model = save(tmp_path, bpe, "llama")
+    export(src, tmp_path / "m.gguf", "q8_0")
+    lm = gptkit.load(tmp_path / "m.gguf")
+    assert lm.model.quantization["bits"] == 8
+    text = lm.generate("def add", max_new_tokens=5, temperature=0)
+    assert text == gptkit.load(src).generate("def add", max_new_tokens=5, temperature=0) or isinstance(text, str)
+    assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "def", "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    (tmp_path / "t.txt").write_text("def add(a, b):\n    return a + b\n" * 4)
+    assert main(["eval", str(tmp_path / "m.gguf"), "--task", "ppl", "--data", str(tmp_path / "t.txt")]) == 0
+    assert (tmp_path / "m.gguf.eval" / "ppl-t.json").exists()
+
+
+def test_export_names_the_split_llama_cpp_knows(tmp_path, bpe, capsys):
+    """transformers' GPT-2 tokenizer (ByteLevel applying GPT-2's regex itself, no Split) is llama.cpp's gpt-2."""
+    import json
+
+    from tokenizers import Regex, pre_tokenizers
+
+    src, _ = save(tmp_path, bpe, "gpt2")
+    spec = json.loads(bpe.engine.to_str())
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    export(src, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    engine = Tokenizer.load(src).engine
+    engine.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\w+|\W"), behavior="isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    (src / "tokenizer.json").write_text(engine.to_str())
+    assert main(["export", str(src), "--out", str(tmp_path / "other.gguf")]) == 1
+    assert "no pre-tokenizer name" in capsys.readouterr().err and not (tmp_path / "other.gguf").exists()
+
+
+def _write(path, arch="llama", **fields):
+    """A small GGUF with a vocabulary, written field by field (for the refusals)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model(fields.get("model", "gpt2"))
+    if "pre" in fields:
+        writer.add_tokenizer_pre(fields["pre"])
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_token_types([1, 1, 1])
+    writer.add_token_merges(["a b"])
+    for key, value in fields.get("extra", {}).items():
+        writer.add_string(key, value)
+    writer.add_tensor("token_embd.weight", torch.zeros(3, 8).numpy())
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    return path
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(arch="mamba"), "architecture 'mamba' is not read"),
+    (dict(pre="chatglm-bpe"), "pre-tokenizer 'chatglm-bpe' is not one gptkit reads"),
+    (dict(model="llama"), "SentencePiece vocabularies"),
+    (dict(model="bert"), "only byte-level BPE"),
+])
+def test_what_gguf_import_does_not_read_is_refused_by_name(tmp_path, capsys, fields, says):
+    path = _write(tmp_path / "m.gguf", **fields)
+    with pytest.raises(gptkit_errors().GptkitError) as e:
+        from gptkit.gguf import read_tokenizer, read
+
+        read_tokenizer(path) if fields.get("arch") is None else read(path)
+    assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def gptkit_errors():
+    from gptkit import errors
+
+    return errors

@@ -15,11 +15,17 @@ __all__ = ["GPT", "GPTConfig", "PRESETS", "preset", "Tokenizer", "LM", "Sampling
 
 
 def load(path: str | Path, device: str = "cpu", dtype: str = "fp32") -> LM:
-    """A checkpoint directory as a ready-to-use language model: `gptkit.load(path).generate("Hello")`. On CPU
-    its engine decodes with the native kernels where the model's layers allow. `dtype`: fp32,
-    bf16 or fp16 for the floating-point weights and activations, where the device computes in it natively
-    (quantized weights stay integers)."""
+    """A checkpoint directory, or a llama.cpp GGUF file, as a ready-to-use language model:
+    `gptkit.load(path).generate("Hello")`. On CPU its engine decodes with the native kernels where the model's
+    layers allow. `dtype`: fp32, bf16 or fp16 for the floating-point weights and activations, where the device
+    computes in it natively (quantized weights stay integers: a GGUF's Q8_0 / Q4_0 blocks as they are, see
+    `gguf.read`)."""
     compute = checkpoint.check_dtype(dtype, checkpoint.check_device(device))  # before reading a large file
+    if Path(path).suffix.lower() == ".gguf":
+        from . import gguf
+
+        model, tokenizer = gguf.read(Path(path))
+        return LM(model.to(device).to(compute), tokenizer)
     tokenizer = load_tokenizer(path) if Path(path).is_dir() else None
     model = load_model(path, device).to(compute)
     if tokenizer is None:

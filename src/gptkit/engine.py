@@ -419,12 +419,12 @@ class LM:
         self.finish_reasons: list[str] = []
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
-        eot = self.tokenizer.special.get("<|endoftext|>")
+        ids = self.tokenizer.encode_document(prompt)  # BOS first where the model's files say so
+        eot = self.tokenizer.eos_id
         return ids or ([eot] if eot is not None else [])  # an empty prompt starts a new document
 
     def stop_ids(self) -> tuple[int, ...]:
-        eot = self.tokenizer.special.get("<|endoftext|>")
+        eot = self.tokenizer.eos_id  # the model's end of document (<|endoftext|> unless its files name another)
         return (eot,) if eot is not None else ()
 
     def stream_batch(self, prompts: list[str], params: SamplingParams) -> Iterator[list[str]]:

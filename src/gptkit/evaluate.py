@@ -159,7 +159,7 @@ TASKS = ("ppl", "choice", "lambada", "classify", "generate")
 def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None, max_new_tokens: int = 64,
         skip_bad: bool = False, device: str = "cpu", dtype: str = "fp32") -> tuple[dict, Path]:
     """Evaluate the checkpoint `ckpt` on `data` for `task`; the result is also written, as JSON, to
-    `ckpt/eval/TASK-DATA.json` (returned beside it)."""
+    `ckpt/eval/TASK-DATA.json` (for a GGUF file, `FILE.gguf.eval/TASK-DATA.json`; returned beside it)."""
     from . import checkpoint
 
     data, ckpt = Path(data), Path(ckpt)
@@ -187,7 +187,8 @@ def run(task: str, ckpt: str | Path, data: str | Path, stride: int | None = None
                     for r in rows]
             result = generation_scores(hyps, [r["reference"] for r in rows])
     result = {"task": task, "data": str(data), **result}
-    out = ckpt / "eval" / f"{task}-{data.stem}.json"
+    where = ckpt / "eval" if ckpt.is_dir() else ckpt.with_name(ckpt.name + ".eval")  # a .gguf file: beside it
+    out = where / f"{task}-{data.stem}.json"
     files.atomic_write(out, json.dumps(result, indent=1) + "\n")
     return result, out
 

@@ -329,11 +329,40 @@ class _Source:
             t = self.get(name)
             if NATIVE.get(t.tensor_type.name) == bits:
                 q, d = _blocks(t)
+            elif bits == 4:
+                q, d = fit_int4(_dequantized(t, self.path))
             else:
                 q, d = quantize.quantize_weight(_dequantized(t, self.path), bits, quantize.BLOCK)
             qs.append(_rows(q, h))
             ds.append(_rows(d, h))
         return quantize.interleave(torch.cat(qs), torch.cat(ds))
+
+
+@torch.no_grad()
+def fit_int4(w: torch.Tensor, tries: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """gptkit's int4 blocks (d * (q - 8), groups of 32, as quantize.quantize_weight packs them) for weights already
+    on another grid (Q4_1's d * q + m, the K-quants'): the scale of each block chosen for the least squared error
+    among `tries` candidates around max-magnitude / -8, each refitted by least squares, instead of max-magnitude / -8
+    alone (which lands half a step off an asymmetric grid)."""
+    N, K = w.shape
+    x = w.float().reshape(N, K // quantize.BLOCK, 1, quantize.BLOCK)
+    biggest = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+    divisors = torch.linspace(-8.0, -6.0, tries).reshape(1, 1, tries, 1)
+    d = biggest / divisors  # [N, B, tries, 1]
+    for _ in range(2):  # pick levels for the scale, then the scale for the levels
+        inv = torch.where(d != 0, 1 / d, 0)
+        levels = (torch.floor(x * inv + 8.5).clamp(0, 15) - 8)
+        d = torch.where((levels * levels).sum(-1, keepdim=True) > 0,
+                        (x * levels).sum(-1, keepdim=True) / (levels * levels).sum(-1, keepdim=True).clamp_min(1e-30), d)
+        d = d.half().float()  # the error the stored fp16 scale gives
+    inv = torch.where(d != 0, 1 / d, 0)
+    levels = torch.floor(x * inv + 8.5).clamp(0, 15)
+    error = ((levels - 8) * d - x).square().sum(-1)  # [N, B, tries]
+    best = error.argmin(-1, keepdim=True)
+    q = levels.squeeze(-1).gather(2, best[..., None].expand(-1, -1, 1, quantize.BLOCK)).reshape(N, K // quantize.BLOCK, quantize.BLOCK)
+    q = q.to(torch.uint8)
+    scales = d.squeeze(-1).gather(2, best).reshape(N, K // quantize.BLOCK).half()
+    return (q[..., :16] | q[..., 16:] << 4).reshape(N, K // 2), scales
 
 
 def _rows(t: torch.Tensor, heads: int | None) -> torch.Tensor:

@@ -22,7 +22,7 @@ def cmd_convert(args) -> None:
         if args.from_gguf:
             from .. import gguf
 
-            out = gguf.import_gguf(Path(args.from_gguf), Path(args.out))
+            out = gguf.import_gguf(Path(args.from_gguf), Path(args.out), args.weights)
         else:
             out = hf.convert_from_hf(args.from_hf, Path(args.out))
     elif args.source and args.to_hf:
@@ -37,7 +37,11 @@ def _add_convert(sub) -> None:
     s = sub.add_parser("convert", help="convert to and from transformers checkpoints; read GGUF files")
     s.add_argument("source", nargs="?", help="gptkit checkpoint directory (with --to-hf)")
     s.add_argument("--from-hf", metavar="SRC", help="transformers checkpoint directory or hub name")
-    s.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file (gpt2 or llama; f32, f16, bf16, q8_0, q4_0)")
+    s.add_argument("--from-gguf", metavar="FILE", help="llama.cpp GGUF file (gpt2, llama, qwen2, qwen3; every type the "
+                   "gguf package dequantizes)")
+    s.add_argument("--weights", choices=["auto", "int8", "int4", "fp32"], default="auto",
+                   help="--from-gguf: how its matrices are kept (auto: Q8_0 / Q4_0 blocks as gptkit's int8 / int4 as "
+                   "they are, other quantized types re-quantized to the nearer of the two; fp32: dequantized)")
     s.add_argument("--out", help="output gptkit checkpoint directory (with --from-hf or --from-gguf)")
     s.add_argument("--to-hf", metavar="OUT", help="output transformers directory")
     s.add_argument("--dequantize", action="store_true", help="--to-hf from a quantized checkpoint: write its "
