@@ -90,3 +90,42 @@ def test_the_default_preset_exports_as_qwen3_with_our_logits(tmp_path, bpe):
     ids = torch.randint(0, bpe.vocab_size, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_a_tokenizer_that_fails_to_read_is_an_error_not_none(tmp_path, capsys):
+    from gptkit.cli import main
+
+    torch.manual_seed(0)
+    ARCHS["gpt2"]().save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text("{not json")
+    capsys.readouterr()  # (save_pretrained's progress bars)
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gptkit: ") and err.count("\n") == 1
+    assert "hf/tokenizer.json: the tokenizer cannot be read" in err
+    assert not (tmp_path / "out").exists()  # nothing written (it was a checkpoint gptkit.load refuses)
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 0
+    assert checkpoint.load_tokenizer(tmp_path / "out") is None  # genuinely absent: no tokenizer, said so at load
+
+
+def test_the_chat_template_and_special_tokens_come_along(tmp_path, bpe):
+    from gptkit import GPT, preset
+
+    template = "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    torch.manual_seed(0)
+    ARCHS["gpt2"]().save_pretrained(tmp_path / "hf")
+    model = GPT(preset("tiny-gpt2", vocab_size=bpe.vocab_size, context=64))
+    checkpoint.save(tmp_path / "ours", model, bpe)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.engine, bos_token="<|endoftext|>",
+                                                eos_token="<|im_end|>")
+    fast.chat_template = template
+    hf.convert_to_hf(tmp_path / "ours", tmp_path / "hf2")
+    fast.save_pretrained(tmp_path / "hf2")
+    hf.convert_from_hf(tmp_path / "hf2", tmp_path / "again")
+    tok = checkpoint.load_tokenizer(tmp_path / "again")
+    assert (tok.chat_template, tok.bos, tok.eos) == (template, "<|endoftext|>", "<|im_end|>")
+    messages = [{"role": "user", "content": "hi"}]
+    assert tok.template().render(messages) == fast.apply_chat_template(messages, tokenize=False)
+    hf.convert_to_hf(tmp_path / "again", tmp_path / "back")  # and written back out
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back").chat_template == template

@@ -153,26 +153,55 @@ def _load(src: str | Path) -> tuple[GPT, Tokenizer | None]:
         config = _hf_config_to_ours(hf_config)
     except ConfigError as e:
         raise ConversionError(str(e)) from None
+    tokenizer = _load_tokenizer(src)  # before the weights: a broken tokenizer fails fast
     hf_model = getattr(transformers, SUPPORTED[t]).from_pretrained(str(src), dtype=torch.float32)
     model = GPT(config)
     state = _to_ours(t, config, hf_model.state_dict())
     checkpoint.check_state(model, state, src)
     model.load_state_dict(state)
-    return model.eval(), _load_tokenizer(src)
+    return model.eval(), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "vocab.txt", "special_tokens_map.json")
 
 
 def _load_tokenizer(src) -> Tokenizer | None:
+    """The checkpoint's tokenizer with its BOS / EOS, whether documents start with BOS, and its chat template; None
+    only where a local directory has no tokenizer file at all. Any other failure is an error naming the file."""
+    present = [f for f in TOKENIZER_FILES if (Path(src).expanduser() / f).exists()] if looks_local(src) else None
+    if present == []:
+        return None
+    where = Path(src) / present[0] if present else src
     import transformers
 
     try:
         tok = transformers.AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError):
-        return None
-    return Tokenizer(tok.backend_tokenizer) if getattr(tok, "is_fast", False) else None
+    except Exception as e:  # transformers and the Rust side raise anything from OSError to plain Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{where}: the tokenizer cannot be read ({first})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConversionError(f"{where}: a {type(tok).__name__} without tokenizer.json; gptkit reads the fast "
+                              f"(tokenizers) form only")
+    template = tok.chat_template
+    if isinstance(template, dict):  # several named templates: transformers' default is "default"
+        template = template.get("default")
+    bos = tok.bos_token if tok.bos_token_id is not None else None
+    add_bos = bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]  # what its post-processor does
+    try:
+        return Tokenizer(tok.backend_tokenizer, bos=bos, eos=tok.eos_token if tok.eos_token_id is not None else None,
+                         add_bos=add_bos, chat_template=template)
+    except GptkitError as e:
+        raise ConversionError(f"{where}: {e}") from None
 
 
 def convert_from_hf(src: str | Path, out: Path) -> Path:
     model, tokenizer = _load(src)
+    if tokenizer is not None:
+        try:
+            checkpoint.check_tokenizer(model, tokenizer, src)  # before writing: gptkit.load would refuse the pair
+        except checkpoint.CheckpointError as e:
+            raise ConversionError(str(e)) from None
     checkpoint.save(out, model, tokenizer)
     return Path(out)
 
@@ -240,6 +269,9 @@ def convert_to_hf(src: Path, out: Path, dequantize: bool = False) -> Path:
     hf_model.save_pretrained(str(out))
     if tokenizer is not None:
         eot = EOT if EOT in tokenizer.special else None
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.engine, eos_token=eot,
-                                             bos_token=eot).save_pretrained(str(out))
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.engine, eos_token=tokenizer.eos or eot, bos_token=tokenizer.bos or eot)
+        if tokenizer.chat_template is not None:
+            fast.chat_template = tokenizer.chat_template
+        fast.save_pretrained(str(out))
     return Path(out)
