@@ -103,13 +103,13 @@ def test_bad_gguf_files(tmp_path, bpe, capsys):
         assert not (tmp_path / "out").exists()
 
     (tmp_path / "text.gguf").write_text("not a model")
-    fails(tmp_path / "text.gguf", "not a readable GGUF")
+    fails(tmp_path / "text.gguf", "not a GGUF file (no GGUF magic number)")
     fails(tmp_path / "none.gguf", "no such file")
     src, _ = save(tmp_path, bpe, "gpt2")
     export(src, tmp_path / "m.gguf")
     data = (tmp_path / "m.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
-    fails(tmp_path / "cut.gguf", "not a readable GGUF")
+    fails(tmp_path / "cut.gguf", "cut short")
 
     writer = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
     writer.add_tensor("token_embd.weight", torch.zeros(20, 8).numpy())

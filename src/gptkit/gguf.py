@@ -17,6 +17,7 @@ import torch
 
 from .errors import GptkitError
 from .files import atomic_write
+from .gguf_file import GGUFFile, GGUFFileError
 from . import checkpoint, quantize
 from .config import ConfigError, GPTConfig
 from .model import GPT
@@ -189,27 +190,26 @@ NATIVE = {"Q8_0": 8, "Q4_0": 4}  # GGML types whose blocks are gptkit's int8 / i
 FLOAT = {"F32", "F16", "BF16", "F64"}
 # quantized types of 5 bits or more a weight go to int8, the rest (Q4_1, Q4_K, Q3_K, Q2_K, IQ*...) to int4
 EIGHT_BIT = {"Q8_0", "Q8_1", "Q8_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K"}
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}  # an fp16 scale, then 32 int8 or 16 bytes of nibble pairs
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}
+ROWS = 4096  # rows of a lone matrix converted at a time (a multiple of 8: the kernels' row groups)  # an fp16 scale, then 32 int8 or 16 bytes of nibble pairs
 
 
-def _read(path: Path):
-    import gguf
-
+def _read(path: Path) -> GGUFFile:
     if not Path(path).is_file():
         raise GGUFError(f"no such file: {path}")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, IndexError, OSError... for damaged files
-        raise GGUFError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated?'})") from None
+        return GGUFFile(path)
+    except GGUFFileError as e:
+        raise GGUFError(str(e)) from None
 
 
-def _field(reader, key: str, default=None, path: Path | str = "the GGUF file"):
-    field = reader.fields.get(key)
-    if field is None:
+def _field(reader: GGUFFile, key: str, default=None, path: Path | str = "the GGUF file"):
+    value = reader.fields.get(key)
+    if value is None:
         if default is not None:
             return default
         raise GGUFError(f"{path} has no {key}")
-    return field.contents()
+    return value
 
 
 def _f32(value) -> float:
@@ -233,8 +233,7 @@ def _config(reader, arch: str, vocab_size: int, path: Path) -> GPTConfig:
         if arch == "gpt2":
             return GPTConfig(**common, norm_eps=_f32(get("attention.layer_norm_epsilon")))
         scaling = reader.fields.get(f"{a}.rope.scaling.type")
-        _require(scaling is None or scaling.contents() in ("none", ""), f"{path}: RoPE scaling "
-                 f"{scaling and scaling.contents()!r} is not read")
+        _require(scaling in (None, "none", ""), f"{path}: RoPE scaling {scaling!r} is not read")
         _require(int(get("rope.dimension_count", head_dim)) == head_dim,
                  f"{path}: rotary embeddings over part of each head are not read")
         kv = int(get("attention.head_count_kv", n_head))
@@ -262,13 +261,12 @@ def _tokenizer(reader, path: Path) -> Tokenizer:
     for role in ("bos", "eos", "eot"):
         field = reader.fields.get(f"tokenizer.ggml.{role}_token_id")
         if field is not None:
-            i = int(field.contents())
+            i = int(field)
             _require(0 <= i < len(tokens), f"{path}: tokenizer.ggml.{role}_token_id {i} is outside the vocabulary")
             roles[role] = tokens[i]
     default_bos = pre in ("llama-bpe", "llama3", "llama-v3")  # as llama.cpp decides for a file that does not say
     roles["add_bos"] = bool(_field(reader, "tokenizer.ggml.add_bos_token", default_bos, path)) and "bos" in roles
-    template = reader.fields.get("tokenizer.chat_template")
-    roles["chat_template"] = template.contents() if template is not None else None
+    roles["chat_template"] = reader.fields.get("tokenizer.chat_template")
     try:
         return Tokenizer.from_bpe(by_kind[(1, 6)], merges, pre, by_kind[(2, 3, 5)], by_kind[(4,)], **roles)
     except GptkitError as e:
@@ -282,27 +280,38 @@ def read_tokenizer(path: Path) -> Tokenizer:
     return _tokenizer(_read(Path(path)), Path(path))
 
 
-def _dequantized(tensor, path: Path) -> torch.Tensor:
+def _dequantized(tensor, path: Path, rows: slice = slice(None)) -> torch.Tensor:
+    """A tensor's values (rows `rows` of a matrix) as float32, never a view of the mapped file."""
     import gguf
 
+    data = tensor.data[rows]
+    K = _shape(tensor)[-1]
+    if tensor.tensor_type.name == "Q4_1":  # the common download: in torch, fast and without numpy's temporaries
+        raw = np.asarray(data).reshape(-1, K // 32, 20)  # fp16 scale, fp16 minimum, 16 bytes of nibbles
+        d, m = (torch.from_numpy(np.ascontiguousarray(raw[..., i:i + 2]).view(np.float16)).float() for i in (0, 2))
+        qs = torch.from_numpy(np.ascontiguousarray(raw[..., 4:]))
+        return (torch.cat([qs & 15, qs >> 4], -1).float() * d + m).reshape(-1, K)
     try:
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = gguf.quants.dequantize(data, tensor.tensor_type)
     except NotImplementedError:
         raise GGUFError(f"{path}: {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
                         f"cannot dequantize") from None
-    return torch.from_numpy(np.array(data, dtype=np.float32)).reshape(_shape(tensor))
+    values = np.asarray(values, dtype=np.float32)
+    shape = _shape(tensor) if rows == slice(None) else (-1, K)
+    return torch.from_numpy(values if values.flags.writeable else values.copy()).reshape(shape)
 
 
 def _shape(tensor) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(tensor.shape))
 
 
-def _blocks(tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scales) of a Q8_0 / Q4_0 matrix in gptkit's form (quantize.quantize_weight's): the bytes as they are."""
-    N, K = _shape(tensor)
-    raw = np.asarray(tensor.data).reshape(N, K // quantize.BLOCK, BLOCK_BYTES[tensor.tensor_type.name])
-    scales = torch.from_numpy(np.ascontiguousarray(raw[..., :2]).view(np.float16).reshape(N, -1))
-    q = np.ascontiguousarray(raw[..., 2:]).reshape(N, -1)
+def _blocks(tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of a Q8_0 / Q4_0 matrix (rows `rows`) in gptkit's form (quantize.quantize_weight's): the bytes as
+    they are."""
+    K = _shape(tensor)[-1]
+    raw = np.asarray(tensor.data[rows]).reshape(-1, K // quantize.BLOCK, BLOCK_BYTES[tensor.tensor_type.name])
+    scales = torch.from_numpy(np.ascontiguousarray(raw[..., :2]).view(np.float16).reshape(raw.shape[0], -1))
+    q = np.ascontiguousarray(raw[..., 2:]).reshape(raw.shape[0], -1)
     return torch.from_numpy(q.view(np.int8) if tensor.tensor_type.name == "Q8_0" else q), scales
 
 
@@ -319,31 +328,50 @@ class _Source:
         return self.tensors[name]
 
     def float(self, names: list[str], heads: list[int | None]) -> torch.Tensor:
-        return torch.cat([_rows(_dequantized(self.get(n), self.path), h) for n, h in zip(names, heads)])
+        parts = [_rows(_dequantized(self.get(n), self.path), h) for n, h in zip(names, heads)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def quantized(self, names: list[str], heads: list[int | None], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, scales) of the row-wise concatenation, each part's blocks copied where they are gptkit's type and
-        re-quantized from its values otherwise (one tensor's floats at a time)."""
+        """(q, scales) of the row-wise concatenation in the kernels' layout, each part's blocks copied where they
+        are gptkit's type and re-quantized from its values otherwise. A lone matrix (the embedding, a projection)
+        goes a few thousand rows at a time into its final buffers: no full-size temporary."""
+        if len(names) == 1 and heads[0] is None:
+            t = self.get(names[0])
+            N = _shape(t)[0]
+            q_out = d_out = None
+            for a in range(0, N, ROWS):
+                b = N if N - (a + ROWS) < 8 else a + ROWS  # whole groups of 8 rows; the last chunk takes the rest
+                q, d = quantize.interleave(*self._part(t, bits, slice(a, b)))
+                if q_out is None:
+                    q_out, d_out = q.new_empty(N, q.shape[1]), d.new_empty(N, d.shape[1])
+                q_out[a:b], d_out[a:b] = q, d
+                if b == N:
+                    break
+            return q_out, d_out
         qs, ds = [], []
         for name, h in zip(names, heads):
-            t = self.get(name)
-            if NATIVE.get(t.tensor_type.name) == bits:
-                q, d = _blocks(t)
-            elif bits == 4:
-                q, d = fit_int4(_dequantized(t, self.path))
-            else:
-                q, d = quantize.quantize_weight(_dequantized(t, self.path), bits, quantize.BLOCK)
+            q, d = self._part(self.get(name), bits)
             qs.append(_rows(q, h))
             ds.append(_rows(d, h))
         return quantize.interleave(torch.cat(qs), torch.cat(ds))
 
+    def _part(self, t, bits: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        if NATIVE.get(t.tensor_type.name) == bits:
+            return _blocks(t, rows)
+        if bits == 4:
+            return fit_int4(_dequantized(t, self.path, rows))
+        return quantize.quantize_weight(_dequantized(t, self.path, rows), bits, quantize.BLOCK)
+
 
 @torch.no_grad()
-def fit_int4(w: torch.Tensor, tries: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_int4(w: torch.Tensor, tries: int = 9, rows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """gptkit's int4 blocks (d * (q - 8), groups of 32, as quantize.quantize_weight packs them) for weights already
     on another grid (Q4_1's d * q + m, the K-quants'): the scale of each block chosen for the least squared error
     among `tries` candidates around max-magnitude / -8, each refitted by least squares, instead of max-magnitude / -8
     alone (which lands half a step off an asymmetric grid)."""
+    if w.shape[0] > rows:  # a few rows at a time: the candidates' temporaries stay small
+        parts = [fit_int4(w[i:i + rows], tries, rows) for i in range(0, w.shape[0], rows)]
+        return torch.cat([q for q, _ in parts]), torch.cat([d for _, d in parts])
     N, K = w.shape
     x = w.float().reshape(N, K // quantize.BLOCK, 1, quantize.BLOCK)
     biggest = x.gather(-1, x.abs().argmax(-1, keepdim=True))
@@ -450,6 +478,8 @@ def read(path: Path, weights: str = "auto") -> tuple[GPT, Tokenizer]:
              f"token_embd.weight")
     config = _config(reader, arch, vocab_size, path)
     tokenizer = _tokenizer(reader, path)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        reader.fields.pop(key, None)  # tens of MB of Python strings, now in the tokenizer
     layout = _layout(config, arch)
     scheme = _scheme(source, layout, weights)
     with torch.device("meta"):
