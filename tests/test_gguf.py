@@ -304,3 +304,11 @@ def gptkit_errors():
     from gptkit import errors
 
     return errors
+
+
+@pytest.mark.slow
+def test_info_says_how_each_type_is_kept(smollm2_gguf, capsys):
+    assert main(["info", str(smollm2_gguf)]) == 0
+    out = capsys.readouterr().out
+    assert "Q4_1: 210 tensors, re-quantized at load to int4" in out
+    assert "Q8_0: 1 tensors, kept as it is" in out and "pre-tokenizer smollm" in out

@@ -459,6 +459,34 @@ def _scheme(source: _Source, layout: dict, weights: str) -> quantize.Scheme | No
     return quantize.Scheme(bits, quantize.BLOCK, 8 if kinds["wte"] - FLOAT else None, skip)
 
 
+def describe(path: Path, weights: str = "auto") -> list[str]:
+    """`gptkit info FILE.gguf`: the model, its tokenizer, and how gptkit keeps each tensor type (as it is, or
+    re-quantized to what)."""
+    from collections import Counter
+
+    model, tokenizer = read(path, weights)
+    reader = _read(Path(path))
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    record = model.quantization
+    lines = [f"{k:>16}: {v}" for k, v in model.config.to_dict().items()]
+    lines.append(f"{'parameters':>16}: {model.num_params():,}")
+    for kind, n in sorted(types.items()):
+        if kind in FLOAT:
+            how = "floating point (float32)"
+        elif not record:
+            how = "dequantized to float32"
+        elif NATIVE.get(kind) == record["bits"] or (kind == "Q8_0" and record["embedding_bits"]):
+            how = f"kept as it is (gptkit's int{NATIVE[kind]} blocks)"
+        else:
+            how = f"re-quantized at load to int{record['bits']} (int8 for the embedding)"
+        lines.append(f"{kind:>16}: {n} tensors, {how}")
+    lines.append(f"{'in memory':>16}: {quantize.nbytes(model) / 1e6:,.1f} MB ({Path(path).stat().st_size / 1e6:,.1f} MB file)")
+    lines.append(f"{'tokenizer':>16}: {tokenizer.describe()}, pre-tokenizer {tokenizer.pre_tokenizer_name()}, "
+                 f"BOS {tokenizer.bos!r} (added: {tokenizer.add_bos}), EOS {tokenizer.eos!r}, "
+                 f"chat template: {'its own' if tokenizer.chat_template else 'none (ChatML)'}")
+    return lines
+
+
 def read(path: Path, weights: str = "auto") -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a gpt2, llama, qwen2 or qwen3 GGUF file. `weights`: "auto" keeps Q8_0 / Q4_0
     blocks as gptkit's int8 / int4 as they are (no floating-point matrix is built) and re-quantizes other quantized

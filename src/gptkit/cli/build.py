@@ -19,6 +19,12 @@ def cmd_info(args) -> None:
     from ..model import GPT
 
     path = Path(args.target)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from .. import gguf
+
+        for line in gguf.describe(path):
+            print(line)
+        return
     if args.target in PRESETS:
         config, tokenizer, record = preset(args.target), None, None
     else:
