@@ -62,7 +62,8 @@ def main():
         GPT2LMHeadModel(GPT2Config()).save_pretrained(root / "hf")
         gptkit.hf.convert_from_hf(root / "hf", root / "fp32")
         tokenizer = Tokenizer.train_bpe((doc.text for doc in list(embedded_corpus())[:20]), vocab_size=1024)
-        tokenizer.save(root / "fp32")  # any BPE vocabulary will do: the prompt is token ids
+        for name, text in tokenizer.files().items():  # any BPE vocabulary will do: the prompt is token ids
+            (root / "fp32" / name).write_text(text)
         for bits in (8, 4):
             model = quantize.quantize(checkpoint.load_model(root / "fp32"), bits=bits)
             checkpoint.save(root / f"int{bits}", model, tokenizer)

@@ -147,6 +147,7 @@ def main():
     import torch
 
     from gptkit import checkpoint, gguf, quantize
+    from gptkit.chat_template import encode_chat
 
     torch.set_num_threads(args.threads)
     q4_1 = fetch_smollm2()
@@ -162,7 +163,7 @@ def main():
 
         print(f"## greedy, {args.new_tokens} new tokens: gptkit fp32 vs llama-simple on the f32 file")
         prompts = [(p, tokenizer.encode(p)) for p in PROMPTS]
-        prompts += [(c, tokenizer.encode_chat([{"role": "user", "content": c}])) for c in CHATS]
+        prompts += [(c, encode_chat(tokenizer, [{"role": "user", "content": c}])) for c in CHATS]
         same = 0
         for shown, ids in prompts:
             ours = greedy(fp32, tokenizer, ids, args.new_tokens)

@@ -4,7 +4,13 @@ chat prompts and the SFT loss mask, its end of turn a stop; refusals in one line
 import pytest
 
 from gptkit import Tokenizer, gguf
-from gptkit.chat_template import ChatTemplate, ChatTemplateError
+from gptkit.chat_template import ChatTemplate, ChatTemplateError, encode_chat, template_of
+from gptkit.files import atomic_write
+
+
+def save(tokenizer, directory):
+    for name, text in tokenizer.files().items():
+        atomic_write(directory / name, text)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -32,18 +38,18 @@ def theirs(smollm2_gguf):
 @pytest.mark.parametrize("prompt", [True, False])
 def test_smollm2_template_renders_as_transformers(smollm2_gguf, theirs, messages, prompt):
     ours = gguf.read_tokenizer(smollm2_gguf)
-    text = ours.template().render(messages, add_generation_prompt=prompt)
+    text = template_of(ours).render(messages, add_generation_prompt=prompt)
     assert text == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     # its default system prompt where the conversation brings none
     assert ("You are a helpful AI assistant named SmolLM" in text) == (messages[0]["role"] != "system")
     expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, return_dict=False)
     if "<|im_end|> literally" not in text:  # (transformers lets a message's text inject a special token; we do not)
-        assert ours.encode_chat(messages, reply=prompt) == list(expected)
+        assert encode_chat(ours, messages, reply=prompt) == list(expected)
 
 
 def test_message_text_never_injects_a_special_token(smollm2_gguf):
     ours = gguf.read_tokenizer(smollm2_gguf)
-    ids = ours.encode_chat(CONVERSATIONS[3])
+    ids = encode_chat(ours, CONVERSATIONS[3])
     assert ids.count(ours.special["<|im_end|>"]) == 2  # the system turn's and the user turn's, not the text's
 
 
@@ -55,30 +61,30 @@ def test_a_template_with_bos_and_filters_renders_as_transformers(bpe):
                                                   eos_token="<|im_end|>")
     messages = [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": ["a", 1]}]
     for prompt in (True, False):
-        assert ours.template().render(messages, prompt) == theirs.apply_chat_template(
+        assert template_of(ours).render(messages, prompt) == theirs.apply_chat_template(
             messages, chat_template=LLAMA3_LIKE, tokenize=False, add_generation_prompt=prompt)
 
 
 def test_sft_mask_covers_the_assistant_parts_only(smollm2_gguf):
     ours = gguf.read_tokenizer(smollm2_gguf)
-    ids, mask = ours.encode_chat(CONVERSATIONS[1], with_mask=True, reply=False)
+    ids, mask = encode_chat(ours, CONVERSATIONS[1], with_mask=True, reply=False)
     said = ours.decode([i for i, m in zip(ids, mask) if m])
     assert said == "Bonjour !<|im_end|>"
-    assert ids == ours.encode_chat(CONVERSATIONS[1], reply=False)
+    assert ids == encode_chat(ours, CONVERSATIONS[1], reply=False)
 
 
 def test_the_template_travels_with_the_checkpoint(tmp_path, smollm2_gguf):
     ours = gguf.read_tokenizer(smollm2_gguf)
-    ours.save(tmp_path)
+    save(ours, tmp_path)
     back = Tokenizer.load(tmp_path)
     assert (back.chat_template, back.bos, back.eos, back.add_bos) == (ours.chat_template, ours.bos, ours.eos, False)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
-    assert Tokenizer.load(tmp_path).template().render([{"role": "user", "content": "x"}]) == "[x]"  # as transformers
+    assert template_of(Tokenizer.load(tmp_path)).render([{"role": "user", "content": "x"}]) == "[x]"  # as transformers
 
 
 def test_models_without_a_template_keep_chatml(bpe):
     assert bpe.chat_template is None
-    text = bpe.template().render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    text = template_of(bpe).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -96,8 +102,10 @@ def test_a_bad_template_is_one_line(source, words):
 
 
 def test_a_broken_template_in_a_checkpoint_fails_at_load(tmp_path, bpe):
-    bpe.save(tmp_path)
+    save(bpe, tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% if %}")
+    from gptkit import checkpoint
+
     with pytest.raises(Exception) as e:
-        Tokenizer.load(tmp_path)
+        checkpoint.load_tokenizer(tmp_path)
     assert "does not compile" in str(e.value)

@@ -65,7 +65,7 @@ def test_q8_0_and_q4_0_are_gptkit_blocks(tmp_path, bpe, kind, bits):
     assert tensor.tensor_type.name == kind.upper()
     import_gguf(tmp_path / "m.gguf", tmp_path / "back")
     back = checkpoint.load_model(tmp_path / "back")  # the blocks as they are: gptkit's int8 / int4, no floats
-    assert back.quantization["bits"] == bits and isinstance(back.blocks[0].mlp.proj, QuantLinear)
+    assert back.records.quantization["bits"] == bits and isinstance(back.blocks[0].mlp.proj, QuantLinear)
     w = model.blocks[0].mlp.proj.weight
     q, d = interleave(*quantize_weight(w, bits, 32))
     assert torch.equal(back.blocks[0].mlp.proj.qweight, q) and torch.equal(back.blocks[0].mlp.proj.scales, d)
@@ -203,7 +203,7 @@ def test_smollm2_reads_quantized_as_it_is(smollm2, smollm2_gguf):
     assert (c.n_layer, c.n_embd, c.n_head, c.kv_heads, c.vocab_size, c.rope_theta, c.tie_embeddings) == \
         (30, 576, 9, 3, 49152, 1e5, True)
     # Q4_1 has no gptkit kernel: re-quantized to int4; the Q8_0 token embedding (also the tied head) kept as it is
-    assert model.quantization["bits"] == 4 and model.quantization["embedding_bits"] == 8
+    assert model.records.quantization["bits"] == 4 and model.records.quantization["embedding_bits"] == 8
     assert isinstance(model.wte, QuantEmbedding) and isinstance(model.blocks[0].attn.qkv, QuantLinear)
     reader = gguf.GGUFReader(str(smollm2_gguf))
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
@@ -237,7 +237,7 @@ def test_a_gguf_works_wherever_a_checkpoint_does(tmp_path, bpe, capsys):
     src, model = save(tmp_path, bpe, "llama")
     export(src, tmp_path / "m.gguf", "q8_0")
     lm = gptkit.load(tmp_path / "m.gguf")
-    assert lm.model.quantization["bits"] == 8
+    assert lm.model.records.quantization["bits"] == 8
     text = lm.generate("def add", max_new_tokens=5, temperature=0)
     assert text == gptkit.load(src).generate("def add", max_new_tokens=5, temperature=0) or isinstance(text, str)
     assert main(["generate", str(tmp_path / "m.gguf"), "--prompt", "def", "--max-new-tokens", "3",

@@ -111,6 +111,7 @@ def test_a_tokenizer_that_fails_to_read_is_an_error_not_none(tmp_path, capsys):
 
 def test_the_chat_template_and_special_tokens_come_along(tmp_path, bpe):
     from gptkit import GPT, preset
+    from gptkit.chat_template import template_of
 
     template = "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     torch.manual_seed(0)
@@ -126,6 +127,6 @@ def test_the_chat_template_and_special_tokens_come_along(tmp_path, bpe):
     tok = checkpoint.load_tokenizer(tmp_path / "again")
     assert (tok.chat_template, tok.bos, tok.eos) == (template, "<|endoftext|>", "<|im_end|>")
     messages = [{"role": "user", "content": "hi"}]
-    assert tok.template().render(messages) == fast.apply_chat_template(messages, tokenize=False)
+    assert template_of(tok).render(messages) == fast.apply_chat_template(messages, tokenize=False)
     hf.convert_to_hf(tmp_path / "again", tmp_path / "back")  # and written back out
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back").chat_template == template

@@ -10,6 +10,7 @@ import torch
 import gptkit
 from gptkit import GPT, Tokenizer, checkpoint, preset
 from gptkit.chat import ChatSession
+from gptkit.chat_template import encode_chat
 from gptkit.finetune import FinetuneConfig, FinetuneError
 from gptkit.finetune.sft import encode_conversation, load_conversations, sft
 
@@ -76,8 +77,8 @@ def test_training_and_serving_share_one_chat_template(bpe):
     """What SFT learns to say follows exactly the prompt that serving builds for the same conversation."""
     talk = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
             {"role": "assistant", "content": "hello 🙂"}]
-    trained, mask = bpe.encode_chat(talk, with_mask=True, reply=False)
-    prompt = bpe.encode_chat(talk[:2])
+    trained, mask = encode_chat(bpe, talk, with_mask=True, reply=False)
+    prompt = encode_chat(bpe, talk[:2])
     assert trained[:len(prompt)] == prompt
     learned = [t for t, m in zip(trained, mask) if m]
     assert learned == bpe.encode("hello 🙂") + [bpe.special["<|im_end|>"]]

@@ -11,6 +11,7 @@ import torch
 
 from conftest import llama_cpp_tool
 from gptkit import GPT, Tokenizer, checkpoint, gguf, preset
+from gptkit.chat_template import chat_stops
 from gptkit.tokenizer import PRE_TOKENIZERS
 
 pytest.importorskip("gguf")
@@ -63,4 +64,4 @@ def test_smollm2_tokens_are_the_files(smollm2_gguf):
     assert tokenizer.pre_tokenizer_name() == "smollm"
     assert tokenizer.encode("Hello world! 123") == [19556, 905, 17, 216, 33, 34, 35]  # llama.cpp's ids
     assert (tokenizer.bos, tokenizer.eos, tokenizer.add_bos) == ("<|im_start|>", "<|im_end|>", False)
-    assert tokenizer.eos_id == 2 and 2 in tokenizer.chat_stops()[1]
+    assert tokenizer.eos_id == 2 and 2 in chat_stops(tokenizer)[1]

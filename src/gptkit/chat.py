@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
+from . import chat_template
 from .engine import LM, Engine, Request
 from .generate import GenerationError, SamplingParams
 
@@ -17,7 +18,7 @@ class ChatSession:
     def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.7,
                  top_p: float | None = 0.95, seed: int | None = None):
         self.lm, self.system = lm, system
-        stop, self.stop_ids = lm.tokenizer.chat_stops()
+        stop, self.stop_ids = chat_template.chat_stops(lm.tokenizer)
         context = lm.model.config.context
         # checked now, not at the first message
         self.params = SamplingParams(max_new_tokens=min(256, context // 2) if max_new_tokens is None else max_new_tokens,
@@ -47,7 +48,7 @@ class ChatSession:
         self.dropped = 0
         while True:
             head = [{"role": "system", "content": self.system}] if self.system else []
-            ids = self.lm.tokenizer.encode_chat(head + self.messages)
+            ids = chat_template.encode_chat(self.lm.tokenizer, head + self.messages)
             if len(ids) + self.max_new_tokens <= context:
                 return ids
             if len(self.messages) <= 1:

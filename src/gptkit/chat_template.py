@@ -13,6 +13,8 @@ from datetime import datetime
 
 from .errors import GptkitError
 
+EOT = "<|endoftext|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML role delimiters (tokenizer.py's)
 # gptkit's own template (ChatML), for vocabularies with <|im_start|> / <|im_end|> and no template of their own
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -108,3 +110,61 @@ class ChatTemplate:
             ends = [upto.rfind(t, start) + len(t) for t in end_of_turn if upto.rfind(t, start) >= 0]
             spans.append((start, max(ends) if ends else end))
         return spans
+
+
+# --- a tokenizer's conversations (any object with tokenizer.Tokenizer's attributes: this module imports no tokenizer)
+
+def template_of(tokenizer) -> ChatTemplate | None:
+    """The template a tokenizer's conversations are rendered with: the model's own, else gptkit's ChatML when the
+    vocabulary has its tokens, else None (plain "Role: text" lines)."""
+    if tokenizer.chat_template is not None:
+        return ChatTemplate(tokenizer.chat_template, tokenizer.bos, tokenizer.eos)  # (compiled once: cached)
+    if all(t in tokenizer.special for t in CHAT_TOKENS):
+        return ChatTemplate(CHATML, tokenizer.bos, tokenizer.eos, origin="gptkit's ChatML")
+    return None
+
+
+def encode_chat(tokenizer, messages: list[dict], with_mask: bool = False, reply: bool = True):
+    """A conversation as token ids: the one chat template (`template_of`), for serving and training alike. Special
+    tokens come from the template's text only, never from a message's content. `reply`: end where the assistant
+    speaks next (a prompt). `with_mask`: return (ids, mask) with mask 1 on what a model learns to say, each
+    assistant message and its end-of-turn token."""
+    template = template_of(tokenizer)
+    if template is None:
+        if with_mask:
+            raise ChatTemplateError(f"training on conversations needs a chat template or the chat tokens "
+                                    f"{', '.join(CHAT_TOKENS)}")
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return tokenizer.encode(text + ("Assistant:" if reply else ""))
+    text = template.render(messages, add_generation_prompt=reply)
+    ids, starts = tokenizer.encode_rendered(text, _content_spans(text, messages))
+    if not with_mask:
+        return ids
+    ends = tuple(t for t in (tokenizer.eot, tokenizer.eos, CHAT_TOKENS[1]) if t is not None and t in tokenizer.special)
+    spans = template.assistant_spans(messages, ends)
+    return ids, [int(any(a <= s < b for a, b in spans)) for s in starts]
+
+
+def chat_stops(tokenizer) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(stop strings, stop token ids) that end an assistant turn: the model's end-of-turn / EOS tokens."""
+    template = template_of(tokenizer)
+    if template is None:
+        eot = tokenizer.special.get(EOT)
+        return ("\nUser:", "\nSystem:"), ((eot,) if eot is not None else ())
+    ends = [tokenizer.eot, tokenizer.eos, EOT] + [CHAT_TOKENS[1]] * (CHAT_TOKENS[1] in template.source)
+    ids = [tokenizer.special[t] for t in ends if t is not None and t in tokenizer.special]
+    return (), tuple(dict.fromkeys(ids))
+
+
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each message's content appears in the rendered text, in order (a template that rewrote a content
+    leaves it unmarked)."""
+    spans, at = [], 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str) and content:
+            i = text.find(content, at)
+            if i >= 0:
+                spans.append((i, i + len(content)))
+                at = i + len(content)
+    return spans

@@ -15,6 +15,7 @@ from . import files
 from .config import ConfigError, GPTConfig
 from .errors import GptkitError
 from .model import GPT, Records, rope_tables
+from .chat_template import ChatTemplate
 from .tokenizer import Tokenizer, TokenizerError, TokenizerNotFound
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -213,7 +214,10 @@ def load_tokenizer(directory: Path) -> Tokenizer | None:
     if Path(directory).is_dir():
         files.recover(directory)
     try:
-        return Tokenizer.load(directory)
+        tokenizer = Tokenizer.load(directory)
+        if tokenizer.chat_template is not None:  # compiled now: a broken template fails at load, naming the file
+            ChatTemplate(tokenizer.chat_template, origin=f"{directory}'s chat template")
+        return tokenizer
     except TokenizerNotFound:
         return None
     except TokenizerError as e:

@@ -14,6 +14,7 @@ from .errors import GptkitError
 from . import checkpoint
 from .config import ConfigError, GPTConfig
 from .model import GPT
+from .chat_template import ChatTemplate
 from .tokenizer import EOT, Tokenizer
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "llama": "LlamaForCausalLM",
@@ -186,6 +187,8 @@ def _load_tokenizer(src) -> Tokenizer | None:
     template = tok.chat_template
     if isinstance(template, dict):  # several named templates: transformers' default is "default"
         template = template.get("default")
+    if template is not None:
+        ChatTemplate(template, origin=f"{src}'s chat template")  # compiles, or says why, before anything is written
     bos = tok.bos_token if tok.bos_token_id is not None else None
     add_bos = bos is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]  # what its post-processor does
     try:

@@ -155,11 +155,6 @@ class Tokenizer:
                 raise TokenizerError(f"the {role} token {token!r} is not in the vocabulary")
         if self.add_bos and bos is None:
             raise TokenizerError("a tokenizer that starts documents with BOS needs a bos token")
-        self._template = None
-        if chat_template is not None:
-            from .chat_template import ChatTemplate
-
-            self._template = ChatTemplate(chat_template, bos, eos)  # compiled now: a broken one fails at load
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -325,38 +320,9 @@ class Tokenizer:
         return Tokenizer(engine, self.bos, self.eos, self.eot, self.add_bos, self.chat_template)
 
     # --- chat -----------------------------------------------------------------------------------------------
-    def template(self):
-        """The chat template conversations are rendered with: the model's own, else gptkit's ChatML when the
-        vocabulary has its tokens, else None (plain "Role: text" lines)."""
-        if self._template is None and all(t in self.special for t in CHAT_TOKENS):
-            from .chat_template import CHATML, ChatTemplate
-
-            self._template = ChatTemplate(CHATML, self.bos, self.eos, origin="gptkit's ChatML")
-        return self._template
-
-    def encode_chat(self, messages: list[dict], with_mask: bool = False, reply: bool = True):
-        """A conversation as token ids: the one chat template, for serving and training alike (see `template`).
-        Special tokens come from the template's text only, never from a message's content. `reply`: end where the
-        assistant speaks next (a prompt). `with_mask`: return (ids, mask) with mask 1 on what a model learns to
-        say, each assistant message and its end-of-turn token."""
-        template = self.template()
-        if template is None:
-            if with_mask:
-                raise TokenizerError(f"training on conversations needs a chat template or the chat tokens "
-                                     f"{', '.join(CHAT_TOKENS)}")
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return self.encode(text + ("Assistant:" if reply else ""))
-        text = template.render(messages, add_generation_prompt=reply)
-        ids, starts = self._encode_rendered(text, _content_spans(text, messages))
-        if not with_mask:
-            return ids
-        ends = tuple(t for t in (self.eot, self.eos, CHAT_TOKENS[1]) if t is not None and t in self.special)
-        spans = template.assistant_spans(messages, ends)
-        return ids, [int(any(a <= s < b for a, b in spans)) for s in starts]
-
-    def _encode_rendered(self, text: str, literal: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """(ids, each token's first character) of a rendered template: its special tokens are special except
-        inside the `literal` spans (message contents)."""
+    def encode_rendered(self, text: str, literal: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """(ids, each token's first character) of a rendered chat template (chat_template.encode_chat): its special
+        tokens are special except inside the `literal` spans (message contents)."""
         ids, starts, at = [], [], 0
 
         def ordinary(a: int, b: int) -> None:
@@ -380,16 +346,6 @@ class Tokenizer:
         ordinary(at, len(text))
         return ids, starts
 
-    def chat_stops(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        """(stop strings, stop token ids) that end an assistant turn."""
-        template = self.template()
-        if template is None:
-            eot = self.special.get(EOT)
-            return ("\nUser:", "\nSystem:"), ((eot,) if eot is not None else ())
-        ends = [self.eot, self.eos, EOT] + [CHAT_TOKENS[1]] * (CHAT_TOKENS[1] in template.source)
-        ids = [self.special[t] for t in ends if t is not None and t in self.special]
-        return (), tuple(dict.fromkeys(ids))
-
     # --- files --------------------------------------------------------------------------------------------
     def files(self) -> dict[str, str]:
         """{file name: contents} of this tokenizer's files in a checkpoint directory: the vocabulary
@@ -407,13 +363,6 @@ class Tokenizer:
         import hashlib
 
         return hashlib.sha256(self.engine.to_str().encode()).hexdigest()
-
-    def save(self, directory: Path) -> Path:
-        from .files import atomic_write
-
-        for name, text in self.files().items():
-            atomic_write(Path(directory) / name, text)
-        return Path(directory) / BPE_FILE
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
@@ -459,20 +408,6 @@ def _roles(directory: Path) -> dict:
     if roles["add_bos"] and roles["bos"] is None:
         roles["add_bos"] = False  # transformers' files may say add_bos_token with no bos_token: nothing to add
     return roles
-
-
-def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
-    """Where each message's content appears in the rendered text, in order (a template that rewrote a content
-    leaves it unmarked)."""
-    spans, at = [], 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str) and content:
-            i = text.find(content, at)
-            if i >= 0:
-                spans.append((i, i + len(content)))
-                at = i + len(content)
-    return spans
 
 
 def _add_special_at(engine: HFTokenizer, token: str, index: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from .. import chat_template
 from ..model import GPT
 from ..tokenizer import CHAT_TOKENS, Tokenizer
 from ..train.loss import IGNORE_INDEX, model_loss
@@ -52,7 +53,7 @@ def load_conversations(path: str | Path, skip_bad: bool = False) -> list[list[di
 def encode_conversation(tokenizer: Tokenizer, messages: list[dict], context: int) -> tuple[list[int], list[int]]:
     """Token ids and a 0/1 loss mask (1 on the assistant's content and its end token), cut to the context:
     the tokenizer's chat template, the same one serving uses."""
-    ids, mask = tokenizer.encode_chat(messages, with_mask=True, reply=False)
+    ids, mask = chat_template.encode_chat(tokenizer, messages, with_mask=True, reply=False)
     return ids[:context + 1], mask[:context + 1]
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from .. import chat_template
 from ..engine import LM, Output
 from ..engine import Request as EngineRequest
 from ..generate import GenerationError
@@ -246,8 +247,8 @@ def chat_completion(server: Server, http: Request, body: ChatRequest) -> Generat
     """/v1/chat/completions: the conversation in the tokenizer's chat template; its end tokens end a reply."""
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt = server.tokenizer.encode_chat([m.model_dump() for m in body.messages])
-    stop, stop_ids = server.tokenizer.chat_stops()
+    prompt = chat_template.encode_chat(server.tokenizer, [m.model_dump() for m in body.messages])
+    stop, stop_ids = chat_template.chat_stops(server.tokenizer)
     return Generation(server, "chat", http, body, [prompt], body.max_completion_tokens or body.max_tokens,
                       "messages", stop, stop_ids, (body.top_logprobs or 0) if body.logprobs else None)
 
