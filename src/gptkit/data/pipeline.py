@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import files
-from ..tokenizer import Tokenizer, TokenizerError
+from ..tokenizer import BPE_FILE, Tokenizer, TokenizerError
 from .corpora import Corpus, DataError, Document, as_corpus
 from . import shards
 from .shards import META, read_meta, verify_files
@@ -364,10 +364,10 @@ def _start(corpus: Corpus, out: Path, settings: dict, fingerprint: str, part, ki
         raise DataError(f"a vocabulary of {tok.vocab_size} tokens does not fit uint16; use uint32")
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
-    tok_name, tok_text = tok.to_json()
-    files.atomic_write(out / tok_name, tok_text)
+    for name, text in tok.files().items():  # tokenizer.json, and tokenizer_config.json where it has one
+        files.atomic_write(out / name, text)
     progress = {"fingerprint": fingerprint, "dtype": dtype, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-                "tokenizer": {"kind": kind, "file": tok_name, "sha256": hashlib.sha256(tok_text.encode()).hexdigest(),
+                "tokenizer": {"kind": kind, "file": BPE_FILE, "sha256": tok.fingerprint(),
                               "sample_bytes": sampled},
                 "shards": [], "done": False, **START}
     files.atomic_write(out / PROGRESS, json.dumps(progress, indent=1) + "\n")
