@@ -226,7 +226,8 @@ def test_data_directories_of_the_older_format_still_load(tmp_path):
     """Format 2: train_*.bin and val_*.bin, each listed whole in its split."""
     d = tmp_path / "old"
     d.mkdir()
-    Tokenizer.char("abc").save(d)
+    for name, text in Tokenizer.char("abc").files().items():
+        (d / name).write_text(text, encoding="utf-8")
     train, val = np.arange(300, dtype=np.uint16) % 3, np.arange(40, dtype=np.uint16) % 3
     train[:150].tofile(d / "train_000000.bin")
     train[150:].tofile(d / "train_000001.bin")
