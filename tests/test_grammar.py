@@ -57,3 +57,9 @@ def test_generate_takes_a_json_schema_file(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["generate", str(tiny_ckpt), "--prompt", "x", "--json-schema", str(tmp_path / "bad.json")]) == 1
     assert "is not a JSON schema" in capsys.readouterr().err
+
+
+def test_settings_beam_search_would_ignore_are_refused():
+    for setting in ({"json_schema": {"type": "object"}}, {"prompt_logprobs": 1}):
+        with pytest.raises(gptkit.GenerationError, match="do not combine with beam search"):
+            SamplingParams(num_beams=2, **setting)

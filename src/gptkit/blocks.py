@@ -67,21 +67,16 @@ class BlockPool:
         self.reused_blocks += len(found)
         return found
 
-    def idle_among(self, names: list[bytes]) -> int:
-        """How many of the cached blocks a request would reuse are idle (they stop counting as available)."""
-        count = 0
+    def probe(self, names: list[bytes]) -> tuple[int, int]:
+        """How many blocks named `names` from the start the cache holds, and how many of those are idle (reusing
+        them takes them out of what is available)."""
+        hits = idle = 0
         for name in names:
             block = self.by_name.get(name)
             if block is None:
                 break
-            count += self.refs[block] == 0
-        return count
-
-    def cached_prefix(self, names: list[bytes]) -> int:
-        n = 0
-        while n < len(names) and names[n] in self.by_name:
-            n += 1
-        return n
+            hits, idle = hits + 1, idle + (self.refs[block] == 0)
+        return hits, idle
 
     def remember(self, block: int, name: bytes) -> None:
         """A block just filled: known by its contents from now on (unless another block already holds them)."""

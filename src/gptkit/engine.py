@@ -242,11 +242,13 @@ class Engine:
         from the longest cached prefix of its prompt (at least its last token is computed, for its logits)."""
         while self.waiting and len(self.rows) < self.cache.batch:
             request = self.waiting[0]
+            if self._worst_case(request) - (len(request.prompt) - 1) // self.block_size > self._available():
+                return  # it cannot fit even with its whole prompt cached: no need to name its blocks yet
             names = block_hashes(request.prompt[:-1], self.block_size)
             scored = request.params.prompt_logprobs is not None  # every prompt position's logits: no reuse
-            hits = 0 if scored else self.pool.cached_prefix(names)
+            hits, idle = (0, 0) if scored else self.pool.probe(names)
             need = self._worst_case(request) - hits
-            if need > self._available() - self.pool.idle_among(names[:hits]):
+            if need > self._available() - idle:
                 return  # it waits for blocks; the requests behind it wait their turn
             seed, device = request.params.seed, self.cache.device  # what may raise comes first: nothing taken yet
             detok = Detokenizer(self.tokenizer, request.params.stop, request.stop_ids) if self.tokenizer else None

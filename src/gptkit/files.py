@@ -93,13 +93,12 @@ def _remove_stale(directory: Path, names) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _disk_errors(directory: Path, names) -> Callable:
-    def translate(e: Exception):
-        if _disk_full(e, directory):
-            return DiskFullError(f"the disk is full: could not write {', '.join(names)} in {directory} "
-                                 f"({shutil.disk_usage(directory).free:,} bytes free)")
+def _as_disk_full(e: Exception, directory: Path, names) -> DiskFullError | None:
+    """`e` as the full disk it reports, naming what could not be written (None: some other error)."""
+    if not _disk_full(e, directory):
         return None
-    return translate
+    return DiskFullError(f"the disk is full: could not write {', '.join(names)} in {directory} "
+                         f"({shutil.disk_usage(directory).free:,} bytes free)")
 
 
 def atomic_write(path: Path | str, content: bytes | str | Writer) -> Path:
@@ -113,7 +112,7 @@ def atomic_write(path: Path | str, content: bytes | str | Writer) -> Path:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except Exception as e:
-        error = _disk_errors(path.parent, [path.name])(e)
+        error = _as_disk_full(e, path.parent, [path.name])
         if error is not None:
             raise error from None
         raise
@@ -156,7 +155,7 @@ def _commit(directory: Path, files: dict, meta: dict | None) -> None:
     except Exception as e:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-        error = _disk_errors(directory, files)(e)
+        error = _as_disk_full(e, directory, files)
         if error is not None:
             raise error from None
         raise

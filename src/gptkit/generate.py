@@ -62,7 +62,8 @@ class SamplingParams:
             (all(self.stop), "stop strings must not be empty"),
             (self.json_schema is None or isinstance(self.json_schema, (dict, str)),
              "json_schema must be a JSON schema (a dict, or its JSON text)"),
-            (self.json_schema is None or self.num_beams == 1, "json_schema does not combine with beam search"),
+            (self.json_schema is None and self.prompt_logprobs is None or self.num_beams == 1,
+             "json_schema and prompt_logprobs do not combine with beam search"),
         ]
         for ok, msg in checks:
             if not ok:
