@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/gguf.py would shadow the gguf package
 
 import torch  # noqa: E402
 

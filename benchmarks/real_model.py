@@ -28,8 +28,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # benchmarks/gguf.py would shadow the package
 
 CACHE = Path.home() / ".cache" / "gptkit"
 LLAMA_CPP = CACHE / "llama.cpp"

@@ -161,7 +161,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("kind, atol", [("f32", 1e-3), ("q8_0", None)])
 def test_llama_cpp_runs_our_export_with_our_logits(trained, tmp_path, arch, kind, atol):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="build it: python benchmarks/gguf.py --build (minutes)")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="build it: python benchmarks/gguf_llama_cpp.py --build (minutes)")
     import numpy as np
 
     import gptkit

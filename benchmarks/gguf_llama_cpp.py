@@ -1,7 +1,7 @@
 """CPU decoding, gptkit against llama.cpp on the same GPT-2 124M weights: fp32 / int8 / int4 vs f32 / q8_0 / q4_0.
 
-    python benchmarks/gguf.py --build          # once: compiles llama.cpp (llama-cpp-python's vendored copy), minutes
-    python benchmarks/gguf.py [--repeats 5] [--new-tokens 128] [--threads 2]
+    python benchmarks/gguf_llama_cpp.py --build          # once: compiles llama.cpp (llama-cpp-python's vendored copy), minutes
+    python benchmarks/gguf_llama_cpp.py [--repeats 5] [--new-tokens 128] [--threads 2]
 
 Random GPT-2 124M weights (as transformers initialises them) written as a gptkit checkpoint, quantized by gptkit
 (`gptkit.quantize`, groups of 32) and exported by gptkit (`gptkit export --type f32|q8_0|q4_0`): both runtimes read
@@ -43,7 +43,7 @@ def main():
     try:
         import llama_cpp
     except ImportError:
-        sys.exit("llama.cpp is not built: python benchmarks/gguf.py --build")
+        sys.exit("llama.cpp is not built: python benchmarks/gguf_llama_cpp.py --build")
     import numpy as np
     from transformers import GPT2Config, GPT2LMHeadModel
 
